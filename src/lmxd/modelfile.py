@@ -1,0 +1,193 @@
+"""Reading a GGUF file's metadata: what the estimator and the catalog need to know of a model.
+
+Nothing here loads weights or touches llama.cpp: the header and tensor table are read through
+the ``gguf`` package's memory-mapped reader, and every way a file can be wrong (missing, not
+GGUF, truncated, an architecture we cannot size) becomes a :class:`ModelFileError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from lmxd.errors import ModelFileError, UnsupportedArchitecture
+
+GGUF_MAGIC = b"GGUF"
+
+# Architectures whose attention layout we know how to size. The value is the sliding-window
+# pattern llama.cpp assumes when the file gives none (0 = no sliding-window layers):
+# gemma3 has five sliding-window layers then one global layer (llama.cpp models/gemma3.cpp).
+SUPPORTED_ARCHITECTURES: dict[str, int] = {"llama": 0, "qwen2": 0, "qwen3": 0, "gemma3": 6}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type_name: str
+    n_elements: int
+    n_bytes: int
+
+    @property
+    def layer(self) -> int | None:
+        """The block index of ``blk.N.*`` tensors, None for the others (embeddings, output)."""
+        parts = self.name.split(".")
+        if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts of one GGUF file that sizing and serving depend on."""
+
+    path: Path
+    file_size: int
+    architecture: str
+    name: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: tuple[int, ...]  # per layer
+    n_head_kv: tuple[int, ...]  # per layer
+    head_dim_k: int
+    head_dim_v: int
+    n_swa: int  # sliding-window length in tokens, 0 when the model has none
+    swa_layers: tuple[bool, ...]  # per layer: True for a sliding-window layer
+    quantization: str
+    chat_template: str | None
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+
+def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """Read and check a GGUF file's metadata, raising :class:`ModelFileError` on any defect."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}", path=str(path))
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})",
+            path=str(path),
+        )
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file (truncated or corrupt header: {exc})",
+            path=str(path),
+        ) from exc
+    tensors = tuple(
+        TensorInfo(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes))
+        for t in reader.tensors
+    )
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > file_size:
+        raise ModelFileError(
+            f"{path} is truncated: its tensors end at byte {end} but the file has {file_size}",
+            path=str(path),
+            expected_bytes=end,
+            file_bytes=file_size,
+        )
+    return _model_info(path, file_size, _Fields(reader), tensors)
+
+
+class _Fields:
+    """Typed access to a reader's key/value fields."""
+
+    def __init__(self, reader: gguf.GGUFReader) -> None:
+        self._fields = reader.fields
+
+    def get(self, key: str) -> Any:
+        field = self._fields.get(key)
+        return None if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelFileError(f"GGUF metadata lacks the key {key!r}", key=key)
+        return value
+
+
+def _per_layer(value: Any, n_layer: int, key: str) -> tuple[int, ...]:
+    """Head counts are a scalar, or an array with one entry per layer (e.g. OpenELM)."""
+    if isinstance(value, list):
+        if len(value) != n_layer:
+            raise ModelFileError(f"{key} has {len(value)} entries for {n_layer} layers", key=key)
+        return tuple(int(v) for v in value)
+    return (int(value),) * n_layer
+
+
+def _swa_layers(fields: _Fields, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
+    if n_swa <= 0:
+        return (False,) * n_layer
+    pattern = fields.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return tuple(bool(p) for p in pattern[:n_layer])
+    n_pattern = int(pattern) if pattern is not None else SUPPORTED_ARCHITECTURES[arch]
+    # llama.cpp llama_hparams::set_swa_pattern: every n_pattern-th layer is global.
+    return tuple(n_pattern == 0 or (il % n_pattern < n_pattern - 1) for il in range(n_layer))
+
+
+def _model_info(
+    path: Path, file_size: int, fields: _Fields, tensors: tuple[TensorInfo, ...]
+) -> ModelInfo:
+    arch = str(fields.require("general.architecture"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"{path}: architecture {arch!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})",
+            path=str(path),
+            architecture=arch,
+        )
+    n_layer = int(fields.require(f"{arch}.block_count"))
+    n_embd = int(fields.require(f"{arch}.embedding_length"))
+    n_head = _per_layer(fields.require(f"{arch}.attention.head_count"), n_layer, "head_count")
+    n_head_kv_raw = fields.get(f"{arch}.attention.head_count_kv")
+    n_head_kv = n_head if n_head_kv_raw is None else _per_layer(n_head_kv_raw, n_layer, "kv")
+    head_dim_k = int(fields.get(f"{arch}.attention.key_length") or n_embd // max(n_head))
+    head_dim_v = int(fields.get(f"{arch}.attention.value_length") or n_embd // max(n_head))
+    tokens = fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(fields.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
+    n_swa = int(fields.get(f"{arch}.attention.sliding_window") or 0)
+    file_type = fields.get("general.file_type")
+    try:
+        quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        quantization = "unknown"
+    ff = fields.get(f"{arch}.feed_forward_length")
+    return ModelInfo(
+        path=path,
+        file_size=file_size,
+        architecture=arch,
+        name=str(fields.get("general.name") or path.stem),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=int(max(ff) if isinstance(ff, list) else ff or 0),
+        n_vocab=n_vocab,
+        n_ctx_train=int(fields.require(f"{arch}.context_length")),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_swa=n_swa,
+        swa_layers=_swa_layers(fields, arch, n_layer, n_swa),
+        quantization=quantization,
+        chat_template=fields.get("tokenizer.chat_template"),
+        tensors=tensors,
+    )
