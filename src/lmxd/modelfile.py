@@ -1,13 +1,16 @@
 """Reading a GGUF file's metadata: what the estimator and the catalog need to know of a model.
 
-Nothing here loads weights or touches llama.cpp: the header and tensor table are read through
-the ``gguf`` package's memory-mapped reader, and every way a file can be wrong (missing, not
+Nothing here loads weights or touches llama.cpp: the header and tensor table are read from a
+memory map with the ``gguf`` package's type tables, and every way a file can be wrong (missing, not
 GGUF, truncated, an architecture we cannot size) becomes a :class:`ModelFileError`.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,23 +83,20 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     file_size = path.stat().st_size
     with path.open("rb") as f:
         magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})",
-            path=str(path),
-        )
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
-        raise ModelFileError(
-            f"{path} is not a readable GGUF file (truncated or corrupt header: {exc})",
-            path=str(path),
-        ) from exc
-    tensors = tuple(
-        TensorInfo(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes))
-        for t in reader.tensors
-    )
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        if magic != GGUF_MAGIC:
+            raise ModelFileError(
+                f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})",
+                path=str(path),
+            )
+        try:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                fields, tensors, data_start = _Header(data).read()
+        except (_Truncated, struct.error, UnicodeDecodeError, ValueError, KeyError) as exc:
+            raise ModelFileError(
+                f"{path} is not a readable GGUF file (truncated or corrupt header: {exc})",
+                path=str(path),
+            ) from exc
+    end = max((data_start + offset + size for _, size, offset in tensors.values()), default=0)
     if end > file_size:
         raise ModelFileError(
             f"{path} is truncated: its tensors end at byte {end} but the file has {file_size}",
@@ -104,18 +104,113 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
             expected_bytes=end,
             file_bytes=file_size,
         )
-    return _model_info(path, file_size, _Fields(reader), tensors)
+    infos = tuple(
+        TensorInfo(name, type_name, n_elements, size)
+        for name, ((type_name, n_elements), size, _) in tensors.items()
+    )
+    return _model_info(path, file_size, _Fields(fields), infos)
+
+
+class _Truncated(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _LongArray:
+    """An array too long to be metadata we read (the tokenizer's), kept by its length only."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H", gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.FLOAT64: "<d",
+    gguf.GGUFValueType.BOOL: "<?",
+}  # fmt: skip
+_LONG_ARRAY = 4096  # arrays longer than this are vocabularies, not hyper-parameters
+
+
+class _Header:
+    """A GGUF header (v2/v3, little-endian) read straight from a memory map.
+
+    ``gguf.GGUFReader`` turns every vocabulary string into a numpy array: 8 s for Gemma 3's
+    262,144 tokens. We need the hyper-parameters and the tensor table, so long arrays are
+    stepped over and kept by length; the layout and type sizes are the gguf package's.
+    """
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.pos = 4  # after the magic
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise _Truncated(f"header ends at byte {len(self.data)}")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.data):
+            raise _Truncated(f"a string of {n} bytes runs past the end of the file")
+        self.pos += n
+        return bytes(self.data[self.pos - n : self.pos]).decode("utf-8")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            if count <= _LONG_ARRAY:
+                return [self.value(etype) for _ in range(count)]
+            if etype == gguf.GGUFValueType.STRING:
+                for _ in range(count):
+                    length = self.take("<Q")
+                    self.pos += length
+            else:
+                self.pos += count * struct.calcsize(_SCALARS[gguf.GGUFValueType(etype)])
+            return _LongArray(count)
+        return self.take(_SCALARS[gguf.GGUFValueType(vtype)])
+
+    def read(self) -> tuple[dict[str, Any], dict[str, tuple[tuple[str, int], int, int]], int]:
+        version = self.take("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = self.take("<Q"), self.take("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise ValueError(f"implausible counts: {n_tensors} tensors, {n_kv} keys")
+        fields = {}
+        for _ in range(n_kv):
+            key = self.string()
+            fields[key] = self.value(self.take("<I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = self.string()
+            dims = [self.take("<Q") for _ in range(self.take("<I"))]
+            qtype = gguf.GGMLQuantizationType(self.take("<I"))
+            offset = self.take("<Q")
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            n_elements = math.prod(dims)
+            tensors[name] = ((qtype.name, n_elements), n_elements * size // block, offset)
+        alignment = int(fields.get("general.alignment", 32))
+        return fields, tensors, (self.pos + alignment - 1) // alignment * alignment
 
 
 class _Fields:
-    """Typed access to a reader's key/value fields."""
+    """Typed access to a header's key/value fields."""
 
-    def __init__(self, reader: gguf.GGUFReader) -> None:
-        self._fields = reader.fields
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
 
     def get(self, key: str) -> Any:
-        field = self._fields.get(key)
-        return None if field is None else field.contents()
+        return self._fields.get(key)
 
     def require(self, key: str) -> Any:
         value = self.get(key)

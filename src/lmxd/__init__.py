@@ -1,0 +1,33 @@
+"""lmxd: one daemon owns the GPU; several LLM agents, each on its own small GGUF model, share it.
+
+The public names are re-exported here; the modules behind them are internal.
+"""
+
+from lmxd.errors import (
+    BudgetParseError,
+    ContextSizeError,
+    EngineError,
+    FetchError,
+    InvalidInput,
+    LedgerDenied,
+    LmxdError,
+    ModelFileError,
+    UnknownModel,
+    UnsupportedArchitecture,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetParseError",
+    "ContextSizeError",
+    "EngineError",
+    "FetchError",
+    "InvalidInput",
+    "LedgerDenied",
+    "LmxdError",
+    "ModelFileError",
+    "UnknownModel",
+    "UnsupportedArchitecture",
+    "__version__",
+]

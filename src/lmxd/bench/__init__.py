@@ -1,0 +1,1 @@
+"""Benchmarks (``lmxd bench …``): each prints its figures beside their goals and writes JSON."""

@@ -1,0 +1,3 @@
+from lmxd.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""A GGUF model loaded into llama.cpp: weights, vocabulary, chat template.
+
+A model is loaded once per (file, n_gpu_layers) and shared by every context and agent that
+uses it; :class:`ModelRegistry` counts the references and frees the weights at zero. The file is
+checked by :func:`lmxd.modelfile.read_model_info` first, so llama.cpp never sees a file that is
+missing, truncated or of an unknown architecture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from lmxd.engine.runtime import Engine
+from lmxd.errors import EngineError, InvalidInput
+from lmxd.modelfile import ModelInfo, read_model_info
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Model:
+    """One loaded model. Create through :meth:`ModelRegistry.acquire`; use on the engine thread."""
+
+    def __init__(self, engine: Engine, info: ModelInfo, n_gpu_layers: int) -> None:
+        engine.check_thread()
+        self.engine = engine
+        self.info = info
+        self.n_gpu_layers = n_gpu_layers
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        # Weight repacking (AMX/AVX "extra buffer types") would keep a second, CPU-specific
+        # copy of most weights beside the mapped file, nearly doubling host bytes in a way no
+        # GGUF header predicts. GPU layers never use it; CPU layers go without.
+        params.use_extra_bufts = False
+        ptr = llama_cpp.llama_model_load_from_file(str(info.path).encode(), params)
+        if not ptr:
+            raise EngineError(f"llama.cpp could not load {info.path}", path=str(info.path))
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.device_weight_bytes = int(llama_cpp.llama_model_size(ptr))
+        template = llama_cpp.llama_model_chat_template(ptr, None)
+        self.chat_template: bytes | None = template or None
+        self.refcount = 0
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Text to tokens; ``add_special`` adds BOS where the model wants it."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (a piece may end inside a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        """Render messages with the GGUF's own chat template, ending on the assistant's turn."""
+        if self.chat_template is None:
+            raise InvalidInput(
+                f"model {self.info.name!r} has no chat template: send a plain prompt instead",
+                model=self.info.name,
+            )
+        if not messages:
+            raise InvalidInput("a chat needs at least one message")
+        keep = [(m.role.encode(), m.content.encode()) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))(
+            *(llama_cpp.llama_chat_message(role, content) for role, content in keep)
+        )
+        capacity = 2 * sum(len(r) + len(c) for r, c in keep) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(capacity)
+            n = llama_cpp.llama_chat_apply_template(
+                self.chat_template, chat, len(keep), True, buf, capacity
+            )
+            if n < 0:
+                raise InvalidInput(
+                    f"llama.cpp does not support the chat template of {self.info.name!r}",
+                    model=self.info.name,
+                )
+            if n <= capacity:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            capacity = n
+        raise EngineError("chat template output kept growing")  # pragma: no cover
+
+    def free(self) -> None:
+        self.engine.check_thread()
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class ModelRegistry:
+    """Loads each (file, n_gpu_layers) once and counts who holds it. Engine thread only."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._models: dict[tuple[Path, int], Model] = {}
+
+    def acquire(self, path: Path, n_gpu_layers: int = -1) -> Model:
+        self.engine.check_thread()
+        info = read_model_info(path)
+        key = (info.path.resolve(), n_gpu_layers)
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = Model(self.engine, info, n_gpu_layers)
+        model.refcount += 1
+        return model
+
+    def release(self, model: Model) -> None:
+        """Drop one reference; the weights are freed when the last one goes."""
+        self.engine.check_thread()
+        model.refcount -= 1
+        if model.refcount <= 0:
+            self._models.pop((model.path.resolve(), model.n_gpu_layers), None)
+            model.free()
+
+    def loaded(self) -> list[Model]:
+        return list(self._models.values())

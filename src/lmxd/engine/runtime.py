@@ -1,0 +1,147 @@
+"""The engine thread, the process's one backend init, and what llama.cpp reports it allocated.
+
+llama.cpp is not safe to call from several threads at once, and our asyncio server must never
+block on it; so every llama.cpp call in lmxd runs on the single thread that :class:`Engine`
+owns (``Engine.call`` from sync code, ``await Engine.acall`` from asyncio). Objects holding
+llama.cpp pointers check that they are used on that thread.
+
+llama.cpp reports each buffer it allocates in its log ("CPU KV buffer size = 90.00 MiB"); the
+log callback set here collects those lines so that ``lmxd estimate --measure`` and the tests can
+put the estimator's prediction beside the real figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+import llama_cpp
+
+from lmxd.errors import EngineError
+
+log = logging.getLogger("lmxd.llama")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB"
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output)\s+buffer size\s*=\s*([\d.]+) MiB")
+
+# ggml's INFO is chatty (one line per tensor) and goes to DEBUG; its WARN lines are mostly
+# about model files we cannot change ("control-looking token"), so INFO; ERROR stays ERROR.
+_GGML_LOG_LEVELS = {3: logging.INFO, 4: logging.ERROR}
+
+
+@dataclass
+class MeasuredBuffers:
+    """Bytes llama.cpp allocated, by kind (model, KV, compute, output) and buffer type."""
+
+    entries: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, buffer type, bytes)
+
+    def parts(self, device_only: bool) -> dict[str, int]:
+        """By the estimator's part names; on a GPU the logits buffer is host memory."""
+        return {
+            "weights": self.total("model", device_only),
+            "kv": self.total("KV", device_only),
+            "compute": self.total("compute", device_only),
+            "output": self.total("output", device_only),
+        }
+
+    def total(self, kind: str | None = None, device_only: bool = False) -> int:
+        return sum(
+            size
+            for k, buft, size in self.entries
+            if (kind is None or k == kind) and (not device_only or is_device_buffer(buft))
+        )
+
+
+def is_device_buffer(buffer_type: str) -> bool:
+    """CUDA0, CUDA1... hold device memory; CPU, CPU_Mapped and CUDA_Host live in host RAM."""
+    return buffer_type.startswith("CUDA") and not buffer_type.startswith("CUDA_Host")
+
+
+class _LogSink:
+    """Receives llama.cpp's log lines; keeps buffer reports for whoever is measuring."""
+
+    def __init__(self) -> None:
+        self.recording: MeasuredBuffers | None = None
+        self._partial = ""
+        # ctypes must keep the callback object alive for as long as llama.cpp may call it.
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
+        if text is None:
+            return
+        self._partial += text.decode("utf-8", errors="replace")
+        if not self._partial.endswith("\n"):
+            return
+        line, self._partial = self._partial.rstrip(), ""
+        match = _BUFFER_LINE.search(line)
+        if match is not None and self.recording is not None:
+            buft, kind, mib = match.group(1), match.group(2), float(match.group(3))
+            self.recording.entries.append((kind, buft, round(mib * 1024 * 1024)))
+        log.log(_GGML_LOG_LEVELS.get(level, logging.DEBUG), "%s", line)
+
+
+class Engine:
+    """The one thread that calls llama.cpp, and the process's backend init."""
+
+    _instance: Engine | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmxd-engine")
+        self._thread_id = self._executor.submit(threading.get_ident).result()
+        self._sink = _LogSink()
+        self.call(self._init_backend)
+
+    @classmethod
+    def get(cls) -> Engine:
+        """The process-wide engine: llama.cpp's backend is initialised once per process."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = Engine()
+            return cls._instance
+
+    def _init_backend(self) -> None:
+        llama_cpp.llama_log_set(self._sink.callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+    @property
+    def gpu_offload(self) -> bool:
+        """Whether this build of llama.cpp can put layers on a GPU."""
+        return bool(llama_cpp.llama_supports_gpu_offload())
+
+    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the engine thread and wait for its result (re-entrant)."""
+        if threading.get_ident() == self._thread_id:
+            return fn(*args, **kwargs)
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    async def acall(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the engine thread without blocking the event loop."""
+        future = self._executor.submit(fn, *args, **kwargs)
+        return await asyncio.wrap_future(future)
+
+    def check_thread(self) -> None:
+        if threading.get_ident() != self._thread_id:
+            raise EngineError("llama.cpp called off the engine thread (a bug in lmxd)")
+
+    def measure(self, fn: Callable[[], T]) -> tuple[T, MeasuredBuffers]:
+        """Run ``fn`` on the engine thread, collecting the buffers llama.cpp reports meanwhile."""
+
+        def recorded() -> tuple[T, MeasuredBuffers]:
+            self._sink.recording = measured = MeasuredBuffers()
+            try:
+                return fn(), measured
+            finally:
+                self._sink.recording = None
+
+        return self.call(recorded)

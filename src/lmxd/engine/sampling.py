@@ -1,0 +1,77 @@
+"""Sampling: the parameters a request may set, and llama.cpp's sampler chain built from them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import llama_cpp
+
+from lmxd.errors import InvalidInput
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy: the same prompt always gives the same tokens."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 = off)"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (0 <= self.seed <= 0xFFFFFFFF, "seed must fit in 32 bits"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message, sampling=self.__dict__)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one generation. Engine thread only; call :meth:`free`."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, history: Iterable[int] = ()) -> None:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if params.repeat_penalty != 1.0:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))  # fmt: skip
+        if params.greedy:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
+        self._chain = chain
+        if params.repeat_penalty != 1.0:
+            # The penalty looks back over the conversation, not only over this reply.
+            for token in history:
+                llama_cpp.llama_sampler_accept(chain, token)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, output_index: int) -> int:
+        """Pick the next token from the logits of batch output ``output_index``."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, output_index))
+
+    def free(self) -> None:
+        if self._chain:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None

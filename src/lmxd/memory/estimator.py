@@ -1,0 +1,194 @@
+"""Predicting what llama.cpp will allocate for a model, from its GGUF metadata alone.
+
+The prediction has four parts, reported separately, because they live and die at different
+times: the weights (once per model), the KV cache (grows with n_ctx and sequences), the compute
+buffers (sized by the largest batch llama.cpp reserves a graph for) and the backend's fixed
+overhead (once per process). Each formula below follows what llama.cpp does in the version we
+pin (0.3.36), with the source named beside it; docs/memory.md puts predictions beside
+measurements.
+
+The estimate is meant to be slightly above the truth and never below it: the ledger admits
+work on these numbers, and an under-estimate is an out-of-memory crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import gguf
+
+from lmxd.errors import ContextSizeError
+from lmxd.modelfile import ModelInfo
+from lmxd.units import MiB
+
+# llama-context.cpp pads n_ctx (and llama-kv-cache-iswa.cpp the sliding-window cache) to 256.
+KV_PAD = 256
+# CUDA's per-process cost before the first byte of weights: the CUDA context and cuBLAS
+# workspace. DESIGN.md saw "about 500 MiB beyond the weights" on the H200; count it once.
+CUDA_OVERHEAD = 512 * MiB
+# Allocator alignment slack per context; it also covers llama.cpp's buffer log lines, which
+# round to 0.01 MiB, so that a measured figure never exceeds an exact prediction.
+COMPUTE_SLACK = 128 * 1024
+# Tensors are placed at aligned offsets in their buffers; 256 covers CPU (32/64) and CUDA (128).
+_TENSOR_ALIGN = 256
+
+
+class Backend(StrEnum):
+    CPU = "cpu"  # every buffer lands in host memory
+    CUDA = "cuda"  # layers offloaded to the GPU; the ledger counts device bytes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes by part. ``device_*`` is what the ledger charges (host RAM on CPU)."""
+
+    backend: Backend
+    n_ctx: int  # per sequence, as asked
+    n_seq: int
+    kv_cells: int  # cells of the (full-attention) KV pool after padding
+    weights: int  # on the device
+    weights_host: int  # left in host memory (the input embeddings on CUDA)
+    kv: int
+    kv_per_token: int  # bytes per token of context, summed over all layers
+    compute: int
+    output: int  # the logits buffer (host memory on CUDA)
+    overhead: int
+
+    @property
+    def context(self) -> int:
+        """Bytes one context costs on the device: KV + compute (+ logits on CPU)."""
+        return self.kv + self.compute + (self.output if self.backend is Backend.CPU else 0)
+
+    @property
+    def total(self) -> int:
+        """Device bytes of the model, one context and the backend overhead."""
+        return self.weights + self.context + self.overhead
+
+    def parts(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "kv": self.kv,
+            "compute": self.compute,
+            "output": self.output if self.backend is Backend.CPU else 0,
+            "overhead": self.overhead,
+        }
+
+
+def _type_bytes(type_name: str, n_elements: int) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return n_elements * size // block
+
+
+def _pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def check_n_ctx(info: ModelInfo, n_ctx: int) -> None:
+    if n_ctx <= 0:
+        raise ContextSizeError(f"n_ctx must be positive, got {n_ctx}", n_ctx=n_ctx)
+    if n_ctx > info.n_ctx_train:
+        raise ContextSizeError(
+            f"n_ctx {n_ctx} is above {info.name!r}'s training context of {info.n_ctx_train}",
+            n_ctx=n_ctx,
+            n_ctx_train=info.n_ctx_train,
+        )
+
+
+def weight_bytes(info: ModelInfo, backend: Backend, n_gpu_layers: int = -1) -> tuple[int, int]:
+    """(device bytes, host bytes) of the weights.
+
+    On CUDA, llama.cpp keeps the input embeddings in host memory and puts the last
+    ``n_gpu_layers`` blocks on the GPU, plus the output layer when n_gpu_layers > n_layer
+    (negative = all). A model with tied embeddings gets a device copy of token_embd as its
+    output matrix (llama-model.cpp, TENSOR_DUPLICATED).
+    """
+    sizes = [(t, _pad(t.n_bytes, _TENSOR_ALIGN)) for t in info.tensors]
+    everything = sum(size for _, size in sizes)
+    if backend is Backend.CPU:
+        return everything, 0
+    gpu_layers = info.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, info.n_layer + 1)
+    first_gpu_block = info.n_layer - min(gpu_layers, info.n_layer)
+    output_on_gpu = gpu_layers > info.n_layer
+    names = {t.name for t in info.tensors}
+    device = 0
+    for t, size in sizes:
+        if t.layer is not None:
+            device += size if t.layer >= first_gpu_block else 0
+        elif t.name.startswith("output") and output_on_gpu:
+            device += size
+        elif t.name == "token_embd.weight" and output_on_gpu and "output.weight" not in names:
+            device += size  # the duplicated output matrix of tied embeddings
+    host = sum(size for t, size in sizes if t.layer is None and t.name.startswith("token_embd"))
+    return device, host
+
+
+def _activation_bytes_per_token(info: ModelInfo) -> int:
+    """Compute-buffer bytes per token of a ubatch, at the graph's peak.
+
+    The peak is the feed-forward block: the up, gate and gated outputs (3 x n_ff floats) live
+    together with the residual stream and its copies (3 x n_embd) and the attention's query
+    width (n_head x head_dim, which is n_embd except in models such as Gemma 3), plus the
+    per-token inputs (positions, token ids, KV indices: 8 floats' worth). Fitted to within
+    0.01 MiB on CPU with llama.cpp 0.3.36 on six shapes (docs/memory.md).
+    """
+    q_width = max(info.n_head) * info.head_dim_k
+    return 4 * (3 * info.n_ff + 3 * info.n_embd + q_width + 8)
+
+
+def estimate(
+    info: ModelInfo,
+    n_ctx: int,
+    n_seq: int = 1,
+    *,
+    backend: Backend = Backend.CPU,
+    n_gpu_layers: int = -1,
+    n_ubatch: int = 512,
+    type_k: str = "f16",
+    type_v: str = "f16",
+) -> MemoryEstimate:
+    """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each over one KV pool."""
+    check_n_ctx(info, n_ctx)
+    if n_seq < 1:
+        raise ContextSizeError(f"n_seq must be >= 1, got {n_seq}", n_seq=n_seq)
+    weights, weights_host = weight_bytes(info, backend, n_gpu_layers)
+
+    # KV cache (llama-kv-cache.cpp): per layer, n_head_kv heads of K and V rows per cell.
+    cells = _pad(n_ctx * n_seq, KV_PAD)
+    # Sliding-window layers keep the window of every sequence plus one ubatch
+    # (llama-kv-cache-iswa.cpp, unified pool, swa_full off).
+    swa_cells = _pad(min(cells, info.n_swa * n_seq + n_ubatch), KV_PAD)
+    full_per_token = swa_per_token = 0
+    for il in range(info.n_layer):
+        k = _type_bytes(type_k, info.n_head_kv[il] * info.head_dim_k)
+        v = _type_bytes(type_v, info.n_head_kv[il] * info.head_dim_v)
+        if info.swa_layers[il]:
+            swa_per_token += k + v
+        else:
+            full_per_token += k + v
+    kv = full_per_token * cells + swa_per_token * swa_cells
+
+    # Compute buffers (llama-context.cpp sched_reserve): the largest graph is a full ubatch
+    # attending over the whole pool. Flash attention takes an f16 mask per KV cache of
+    # (cells x ubatch); the activations scale with the ubatch. A one-token graph's peak is the
+    # logits rows instead, when those are larger.
+    ubatch = min(n_ubatch, cells)
+    masks = 2 * ubatch * (cells if full_per_token else 0) + 2 * ubatch * (
+        swa_cells if swa_per_token else 0
+    )
+    logits = 4 * info.n_vocab * n_seq  # one row per sequence (n_outputs_max = n_seq)
+    compute = max(logits, masks + ubatch * _activation_bytes_per_token(info)) + COMPUTE_SLACK
+
+    return MemoryEstimate(
+        backend=backend,
+        n_ctx=n_ctx,
+        n_seq=n_seq,
+        kv_cells=cells,
+        weights=weights,
+        weights_host=weights_host,
+        kv=kv,
+        kv_per_token=full_per_token + swa_per_token,
+        compute=compute,
+        output=logits,
+        overhead=CUDA_OVERHEAD if backend is Backend.CUDA else 0,
+    )

@@ -1,0 +1,161 @@
+"""The VRAM ledger: admission control under a cap, before anything is allocated.
+
+Every byte lmxd puts on the device is reserved here first; a reservation that would cross the
+cap is denied with the numbers (cap, reserved, requested, each part), and the caller allocates
+nothing. Release returns the bytes; releasing twice is harmless. Requests are granted all
+together or not at all, so a registration that needs a model's weights and an agent's KV
+cannot end half-charged.
+
+Weights shared by several agents are charged once: a request with a ``key`` (the model's) that
+is already live adds a reference instead of bytes, and the bytes go when the last reference
+does. "Does not fit" is a value (:class:`Denial`), not an exception: the scheduler's
+park-and-retry loop reads better that way; :meth:`Denial.error` makes the exception for the
+boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lmxd.errors import InvalidInput, LedgerDenied
+from lmxd.units import format_bytes
+
+_MAX_BYTES = 2**62  # far above any card; rejects overflowed or corrupted sizes
+
+
+@dataclass(frozen=True)
+class Request:
+    owner: str  # who the bytes are for: "model:smollm2-135m", "agent:coder"...
+    parts: Mapping[str, int]  # bytes by part: {"weights": ..., "kv": ..., "compute": ...}
+    key: str | None = None  # share one charge among all live requests with this key
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A handle on reserved bytes; give it back with :meth:`Ledger.release`."""
+
+    id: int
+    owner: str
+    bytes: int
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Why a request was refused, with every number needed to see it."""
+
+    cap: int
+    reserved: int
+    requested: int
+    parts: dict[str, int]
+    owners: tuple[str, ...]
+
+    @property
+    def free(self) -> int:
+        return self.cap - self.reserved
+
+    def message(self) -> str:
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items() if v)
+        return (
+            f"VRAM ledger denies {' + '.join(self.owners)}: needs {format_bytes(self.requested)} "
+            f"({detail}) but only {format_bytes(self.free)} of the {format_bytes(self.cap)} cap "
+            f"is free ({format_bytes(self.reserved)} reserved)"
+        )
+
+    def error(self) -> LedgerDenied:
+        return LedgerDenied(
+            self.message(),
+            reason="CAP",
+            cap_bytes=self.cap,
+            reserved_bytes=self.reserved,
+            requested_bytes=self.requested,
+            parts=dict(self.parts),
+        )
+
+
+@dataclass
+class _Charge:
+    owner: str
+    bytes: int
+    holders: set[int] = field(default_factory=set)
+
+
+class Ledger:
+    """Thread-safe reserve/release of device bytes under ``cap``."""
+
+    def __init__(self, cap: int) -> None:
+        if not 0 < cap < _MAX_BYTES:
+            raise InvalidInput(f"ledger cap must be positive, got {cap}")
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._charges: dict[str | int, _Charge] = {}  # by key, or by reservation id if unkeyed
+        self._holder_charge: dict[int, str | int] = {}  # reservation id -> charge
+
+    @property
+    def reserved(self) -> int:
+        with self._lock:
+            return self._reserved()
+
+    def _reserved(self) -> int:
+        return sum(c.bytes for c in self._charges.values())
+
+    def try_reserve(self, *requests: Request) -> tuple[Reservation, ...] | Denial:
+        """Reserve all ``requests`` or none; a keyed request already live costs nothing new."""
+        for r in requests:
+            if any(not isinstance(v, int) or not 0 <= v < _MAX_BYTES for v in r.parts.values()):
+                raise InvalidInput(f"bad byte counts in request for {r.owner}: {dict(r.parts)}")
+        with self._lock:
+            new: list[Request] = []  # the requests that bring new bytes
+            new_keys: set[str] = set()
+            for r in requests:
+                if r.key is not None:
+                    if r.key in self._charges or r.key in new_keys:
+                        continue
+                    new_keys.add(r.key)
+                new.append(r)
+            requested = sum(r.bytes for r in new)
+            reserved = self._reserved()
+            if reserved + requested > self.cap:
+                parts: dict[str, int] = {}
+                for r in new:
+                    for name, size in r.parts.items():
+                        parts[name] = parts.get(name, 0) + size
+                return Denial(
+                    self.cap, reserved, requested, parts, tuple(r.owner for r in requests)
+                )
+            granted = []
+            for r in requests:
+                rid = next(self._ids)
+                slot: str | int = r.key if r.key is not None else rid
+                charge = self._charges.setdefault(slot, _Charge(r.owner, r.bytes))
+                charge.holders.add(rid)
+                self._holder_charge[rid] = slot
+                granted.append(Reservation(rid, r.owner, charge.bytes, r.key))
+            return tuple(granted)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the bytes back (for a shared charge, when its last holder releases)."""
+        with self._lock:
+            slot = self._holder_charge.pop(reservation.id, None)
+            if slot is None:
+                return  # already released
+            charge = self._charges[slot]
+            charge.holders.discard(reservation.id)
+            if not charge.holders:
+                del self._charges[slot]
+
+    def snapshot(self) -> dict[str, int]:
+        """Reserved bytes by owner."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for c in self._charges.values():
+                out[c.owner] = out.get(c.owner, 0) + c.bytes
+            return out

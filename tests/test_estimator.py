@@ -1,0 +1,75 @@
+"""The estimator against what llama.cpp really allocates (host memory on this CPU build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmxd.engine.measure import measure_allocation
+from lmxd.errors import ContextSizeError
+from lmxd.memory.estimator import Backend, estimate, weight_bytes
+from lmxd.modelfile import read_model_info
+
+CASES = [
+    ("smollm2", 512, 1), ("smollm2", 4096, 1), ("smollm2", 8192, 1), ("smollm2", 4096, 3),
+    ("gemma3", 512, 1), ("gemma3", 4096, 1), ("gemma3", 32768, 1), ("gemma3", 2048, 4),
+    ("tiny", 512, 1), ("tiny", 4096, 1), ("tiny", 8192, 1), ("tiny", 1024, 8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "n_ctx", "n_seq"), CASES)
+def test_prediction_within_5_percent_and_never_below(
+    request: pytest.FixtureRequest, name: str, n_ctx: int, n_seq: int
+) -> None:
+    path: Path = request.getfixturevalue(name)
+    est = estimate(read_model_info(path), n_ctx, n_seq)
+    measured = measure_allocation(path, n_ctx, n_seq)
+    parts = measured.parts(device_only=False)
+    total = sum(parts.values())
+    assert est.total >= total, f"under-estimate: {est.parts()} vs {parts}"
+    assert est.total <= 1.05 * total, f"over by more than 5%: {est.parts()} vs {parts}"
+    # the exact parts are exact (llama.cpp logs sizes rounded to 0.01 MiB)
+    for part in ("weights", "kv", "output"):
+        assert abs(est.parts()[part] - parts[part]) <= max(0.001 * parts[part], 8 * 1024), part
+    assert est.compute >= parts["compute"]
+
+
+def test_kv_per_token_counts_every_layer_and_gqa(smollm2: Path, gemma3: Path) -> None:
+    # SmolLM2: 30 layers x 3 KV heads x 64 dims x (K + V) x 2 bytes
+    assert estimate(read_model_info(smollm2), 1024).kv_per_token == 30 * 3 * 64 * 2 * 2
+    # Gemma 3: 18 layers x 1 KV head x 256 dims x 2 x 2, of which 15 layers only hold a window
+    est = estimate(read_model_info(gemma3), 16384)
+    assert est.kv_per_token == 18 * 256 * 2 * 2
+    window_cells = 512 + 512  # n_swa + one ubatch
+    assert est.kv == 3 * 1024 * 16384 + 15 * 1024 * window_cells
+
+
+def test_quantized_kv_is_smaller(smollm2: Path) -> None:
+    info = read_model_info(smollm2)
+    f16, q8 = estimate(info, 4096), estimate(info, 4096, type_k="q8_0", type_v="q8_0")
+    assert q8.kv == f16.kv * 34 // 64  # q8_0: 34 bytes per 32 values, against 64
+
+
+def test_partial_offload_splits_weights(smollm2: Path) -> None:
+    info = read_model_info(smollm2)
+    everything, _ = weight_bytes(info, Backend.CPU)
+    none_on_gpu, host = weight_bytes(info, Backend.CUDA, n_gpu_layers=0)
+    half, _ = weight_bytes(info, Backend.CUDA, n_gpu_layers=15)
+    full, host_full = weight_bytes(info, Backend.CUDA, n_gpu_layers=-1)
+    assert none_on_gpu == 0 and host > 0
+    assert 0 < half < full < everything + host_full  # tied output: token_embd is duplicated
+    est = estimate(info, 4096, backend=Backend.CUDA)
+    assert est.overhead > 0 and est.total == est.weights + est.kv + est.compute + est.overhead
+
+
+@pytest.mark.parametrize("n_ctx", [0, -1, 8193, 10**9])
+def test_bad_n_ctx(smollm2: Path, n_ctx: int) -> None:
+    with pytest.raises(ContextSizeError) as exc:
+        estimate(read_model_info(smollm2), n_ctx)
+    assert exc.value.code == "BAD_N_CTX"
+
+
+def test_bad_n_seq(smollm2: Path) -> None:
+    with pytest.raises(ContextSizeError):
+        estimate(read_model_info(smollm2), 512, 0)
