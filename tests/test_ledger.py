@@ -139,3 +139,20 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+def test_fits_answers_as_if_the_ignored_were_released() -> None:
+    ledger = Ledger(cap=10 * GiB)
+    got = ledger.try_reserve(Request("context:a", {"kv": 6 * GiB}))
+    assert isinstance(got, tuple)
+    big = Request("context:b", {"kv": 8 * GiB})
+    assert isinstance(ledger.fits(big), Denial)
+    assert ledger.fits(big, ignoring=got) is None
+    assert ledger.reserved == 6 * GiB  # nothing changed
+    shared = ledger.try_reserve(Request("model:m", {"weights": GiB}, key="m"))
+    other = ledger.try_reserve(Request("model:m", {"weights": GiB}, key="m"))
+    assert isinstance(shared, tuple) and isinstance(other, tuple)
+    # a shared charge goes only when every holder is ignored
+    denial = ledger.fits(Request("x", {"kv": 4 * GiB}), ignoring=shared)
+    assert isinstance(denial, Denial) and denial.reserved == 7 * GiB
+    assert ledger.fits(Request("x", {"kv": 4 * GiB}), ignoring=(*shared, *other)) is None

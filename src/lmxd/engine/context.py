@@ -181,6 +181,20 @@ class Context:
             )
         self._resync([seq_id])
 
+    def truncate_seq(self, seq_id: int, keep: int) -> None:
+        """Keep the first ``keep`` tokens of a sequence and free the rest.
+
+        A sliding-window cache cannot always drop a tail (the window before it is gone); the
+        sequence is then cleared whole, and the caller prefills it again from the start.
+        """
+        self.model.engine.check_thread()
+        if keep >= self.seq_len[seq_id]:
+            return
+        if llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+            self.seq_len[seq_id] = keep
+        else:
+            self.clear_seq(seq_id)
+
     def clear_seq(self, seq_id: int) -> None:
         """Free every cell of sequence ``seq_id``."""
         self.model.engine.check_thread()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lmxd.errors import InvalidInput, LedgerDenied
@@ -109,28 +109,10 @@ class Ledger:
 
     def try_reserve(self, *requests: Request) -> tuple[Reservation, ...] | Denial:
         """Reserve all ``requests`` or none; a keyed request already live costs nothing new."""
-        for r in requests:
-            if any(not isinstance(v, int) or not 0 <= v < _MAX_BYTES for v in r.parts.values()):
-                raise InvalidInput(f"bad byte counts in request for {r.owner}: {dict(r.parts)}")
         with self._lock:
-            new: list[Request] = []  # the requests that bring new bytes
-            new_keys: set[str] = set()
-            for r in requests:
-                if r.key is not None:
-                    if r.key in self._charges or r.key in new_keys:
-                        continue
-                    new_keys.add(r.key)
-                new.append(r)
-            requested = sum(r.bytes for r in new)
-            reserved = self._reserved()
-            if reserved + requested > self.cap:
-                parts: dict[str, int] = {}
-                for r in new:
-                    for name, size in r.parts.items():
-                        parts[name] = parts.get(name, 0) + size
-                return Denial(
-                    self.cap, reserved, requested, parts, tuple(r.owner for r in requests)
-                )
+            denial = self._check(requests, ignoring=())
+            if denial is not None:
+                return denial
             granted = []
             for r in requests:
                 rid = next(self._ids)
@@ -140,6 +122,41 @@ class Ledger:
                 self._holder_charge[rid] = slot
                 granted.append(Reservation(rid, r.owner, charge.bytes, r.key))
             return tuple(granted)
+
+    def fits(self, *requests: Request, ignoring: Iterable[Reservation] = ()) -> Denial | None:
+        """Would ``requests`` be granted if the reservations in ``ignoring`` were released?
+
+        Nothing changes. The scheduler asks this before deciding to park idle agents: the
+        answer tells whether parking them could make room at all.
+        """
+        with self._lock:
+            return self._check(requests, ignoring)
+
+    def _check(self, requests: Iterable[Request], ignoring: Iterable[Reservation]) -> Denial | None:
+        requests = tuple(requests)
+        for r in requests:
+            if any(not isinstance(v, int) or not 0 <= v < _MAX_BYTES for v in r.parts.values()):
+                raise InvalidInput(f"bad byte counts in request for {r.owner}: {dict(r.parts)}")
+        # Charges that would go: those whose every holder is among the ignored reservations.
+        ignored = {r.id for r in ignoring}
+        freed = {slot for slot, c in self._charges.items() if c.holders and c.holders <= ignored}
+        new: list[Request] = []  # the requests that bring new bytes
+        new_keys: set[str] = set()
+        for r in requests:
+            if r.key is not None:
+                if (r.key in self._charges and r.key not in freed) or r.key in new_keys:
+                    continue
+                new_keys.add(r.key)
+            new.append(r)
+        requested = sum(r.bytes for r in new)
+        reserved = self._reserved() - sum(self._charges[slot].bytes for slot in freed)
+        if reserved + requested <= self.cap:
+            return None
+        parts: dict[str, int] = {}
+        for r in new:
+            for name, size in r.parts.items():
+                parts[name] = parts.get(name, 0) + size
+        return Denial(self.cap, reserved, requested, parts, tuple(r.owner for r in requests))
 
     def release(self, reservation: Reservation) -> None:
         """Give the bytes back (for a shared charge, when its last holder releases)."""

@@ -1,0 +1,120 @@
+"""`lmxd serve`: wiring the daemon together, owning its socket, and stopping cleanly.
+
+One process, one backend init, one engine thread. The socket is created with mode 0600; a
+live daemon's socket is never taken over, a stale one (nobody answers) is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmxd.engine.runtime import Engine
+from lmxd.errors import InvalidInput
+from lmxd.kvstore import KvStore
+from lmxd.memory.device import ledger_cap, probe_device
+from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
+from lmxd.memory.ledger import Denial, Ledger, Request
+from lmxd.scheduler import Scheduler, SchedulerConfig
+from lmxd.scheduler.residency import Residency, ResidencyConfig
+from lmxd.server import Server
+from lmxd.service import Limits, Service
+from lmxd.units import format_bytes
+
+log = logging.getLogger("lmxd.daemon")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: Path
+    models_dir: Path
+    allowed_dirs: tuple[Path, ...]
+    vram_cap_percent: float = 90.0
+    vram_limit: str | None = None  # "8GiB": behave as a card of that size
+    park_budget: int = 8 << 30  # host RAM for parked state
+    keep_alive_s: float = 300.0
+    max_queue: int = 64
+    default_n_ctx: int = 4096
+    park_after_decode: bool = False
+    n_threads: int = 0
+
+
+class DaemonRunning(InvalidInput):
+    code = "DAEMON_RUNNING"
+
+
+def claim_socket(path: Path) -> None:
+    """Refuse a live daemon's socket; remove a stale one."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        log.info("removing stale socket %s", path)
+        path.unlink()
+    else:
+        raise DaemonRunning(f"a daemon is already listening at {path}", socket=str(path))
+    finally:
+        probe.close()
+
+
+async def run(config: DaemonConfig) -> None:
+    claim_socket(config.socket)
+    device = probe_device()
+    cap = ledger_cap(device, config.vram_cap_percent, config.vram_limit)
+    engine = Engine.get()
+    backend = Backend.CUDA if engine.gpu_offload and device.kind == "cuda" else Backend.CPU
+    ledger = Ledger(cap)
+    if backend is Backend.CUDA:
+        # The CUDA context and cuBLAS: charged once, for the life of the process.
+        got = ledger.try_reserve(Request("backend", {"overhead": CUDA_OVERHEAD}))
+        if isinstance(got, Denial):
+            raise got.error()
+    store = KvStore(config.park_budget)
+    room = Residency(engine, ledger, store, ResidencyConfig(backend, n_threads=config.n_threads))
+    scheduler = Scheduler(engine, room, SchedulerConfig(
+        models_dir=config.models_dir, allowed_dirs=config.allowed_dirs,
+        max_queue=config.max_queue, keep_alive_s=config.keep_alive_s,
+        park_after_decode=config.park_after_decode,
+    ))  # fmt: skip
+    stop = asyncio.Event()
+    service = Service(scheduler, Limits(config.max_queue, config.default_n_ctx,
+                                        config.park_budget), stop.set)  # fmt: skip
+    server = Server(service)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        await server.start(config.socket)
+    finally:
+        os.umask(old_umask)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    scheduler_task = asyncio.create_task(scheduler.run())
+    log.info(
+        "lmxd listening on %s; device %s (%s, %s total); ledger cap %s; backend %s",
+        config.socket, device.name, device.kind, format_bytes(device.total),
+        format_bytes(cap), backend.value,
+    )  # fmt: skip
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await server.stop()
+        await scheduler.shutdown()
+        scheduler_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler_task
+        config.socket.unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def serve(config: DaemonConfig) -> None:
+    asyncio.run(run(config))

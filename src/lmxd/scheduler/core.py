@@ -1,0 +1,380 @@
+"""The scheduler: owns agents, models and the queue, and decides every step.
+
+One asyncio task runs :meth:`Scheduler.run`. Each turn it picks the next model with work
+(round robin), admits that model's queued jobs whose agents can be made resident, and runs a
+slice of steps: one ``llama_decode`` per step over one batch in which every active agent of
+the model has one entry (a prompt chunk, or its last sampled token). Models take turns a slice
+at a time, so agents of one model never starve the others. The engine thread executes each
+step (``steps.py``); nothing here blocks on llama.cpp.
+
+Everything that touches the engine (steps, REGISTER, RESET, UNREGISTER) holds ``self._lock``,
+so none of it interleaves with a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmxd import catalog
+from lmxd.engine.generate import StopReason
+from lmxd.engine.model import ChatMessage, ModelRegistry
+from lmxd.engine.runtime import Engine
+from lmxd.engine.sampling import SamplingParams
+from lmxd.errors import (
+    AgentExists,
+    Busy,
+    Cancelled,
+    Forbidden,
+    InvalidInput,
+    LmxdError,
+    UnknownAgent,
+)  # fmt: skip
+from lmxd.memory.estimator import check_n_ctx
+from lmxd.memory.ledger import Denial, Request
+from lmxd.modelfile import read_model_info
+from lmxd.scheduler.agents import Agent, AgentState, Job, JobResult
+from lmxd.scheduler.residency import Residency
+from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
+from lmxd.scheduler.steps import plan_step, prepare, run_step
+
+log = logging.getLogger("lmxd.scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    models_dir: Path
+    allowed_dirs: tuple[Path, ...]  # model files outside these are refused
+    max_queue: int = 64  # jobs waiting or running, all agents together
+    slice_steps: int = 8  # steps one model runs before the next model's turn
+    keep_alive_s: float = 300.0  # unload a model this long after its last agent goes
+    park_after_decode: bool = False  # testing: park every agent as soon as its job ends
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, room: Residency, config: SchedulerConfig) -> None:
+        self.engine = engine
+        self.room = room
+        self.ledger = room.ledger
+        self.config = config
+        self.registry = engine.call(ModelRegistry, engine)
+        self.agents: dict[str, Agent] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._turn = 0  # round-robin position over models
+
+    # -- operations (called by the server) ---------------------------------------------------
+
+    async def register(
+        self, agent_id: str, model: str, n_ctx: int, sampling: SamplingParams,
+        system_prompt: str | None,
+    ) -> dict[str, object]:  # fmt: skip
+        async with self._lock:
+            if agent_id in self.agents:
+                raise AgentExists(f"agent {agent_id!r} is already registered", agent=agent_id)
+            path = self._resolve(model)
+            info = read_model_info(path)
+            check_n_ctx(info, n_ctx)
+            slot = self.room.slots.get(str(path))
+            key = slot.key if slot is not None else model
+            weights = self.room.weights_request(key, info)
+            # Admission: would the model and this agent's context fit if every context whose
+            # agents are all idle were closed? If not, no amount of parking helps: refuse now.
+            alone = self.room.context_request(key, info, n_ctx, 1)
+            evictable = [s.context_reservation for s in self.room.evictable()
+                         if s.context_reservation is not None]  # fmt: skip
+            denial = self.ledger.fits(weights, alone, ignoring=evictable)
+            if denial is not None:
+                raise denial.error()
+            if slot is None:
+                slot = await self._load(key, path, weights)
+            got = self.ledger.try_reserve(weights)
+            assert not isinstance(got, Denial)  # the charge is live: another handle is free
+            slot.weights[agent_id] = got[0]
+            self._cancel_unload(slot)
+            agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt)
+            slot.agents[agent_id] = self.agents[agent_id] = agent
+            log.info("register agent=%s model=%s n_ctx=%d", agent_id, slot.key, n_ctx)
+            return {"agent": agent_id, "model": slot.key, "n_ctx": n_ctx, "path": str(path)}
+
+    def submit(
+        self, agent_id: str, prompt: str | None, messages: list[ChatMessage] | None,
+        max_tokens: int, sampling: SamplingParams | None, stops: Sequence[str], stream: bool,
+    ) -> Job:  # fmt: skip
+        """Queue a DECODE; the job's ``done`` future carries the reply."""
+        agent = self._agent(agent_id)
+        if sum(len(a.jobs) for a in self.agents.values()) >= self.config.max_queue:
+            raise Busy(f"the queue is full ({self.config.max_queue} jobs); try again shortly",
+                       max_queue=self.config.max_queue)  # fmt: skip
+        job = Job(
+            agent=agent, prompt=prompt, messages=messages, max_tokens=max_tokens,
+            sampling=sampling or agent.sampling, stops=list(stops),
+            events=asyncio.Queue() if stream else None,
+            done=asyncio.get_running_loop().create_future(),
+        )  # fmt: skip
+        agent.jobs.append(job)
+        if agent.idle:
+            agent.move(AgentState.QUEUED)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job`` at its next step; its reply says ``cancelled``."""
+        job.cancelled = True
+        self._wake.set()
+
+    async def reset(self, agent_id: str) -> dict[str, object]:
+        async with self._lock:
+            agent = self._agent(agent_id)
+            if not agent.idle:
+                raise InvalidInput(f"agent {agent_id!r} is decoding; cancel it or wait",
+                                   agent=agent_id)  # fmt: skip
+            await self.room.drop(agent)
+            agent.tokens, agent.history = [], []
+            if agent.state is not AgentState.EMPTY:
+                agent.move(AgentState.EMPTY)
+            await self.room.close_if_unused(agent.slot)
+            return {"agent": agent_id}
+
+    async def unregister(self, agent_id: str) -> dict[str, object]:
+        async with self._lock:
+            agent = self._agent(agent_id)
+            for job in agent.jobs:
+                if job.generation is not None:
+                    await self.engine.acall(job.generation.cancel)
+                job.fail(Cancelled(f"agent {agent_id!r} was unregistered", agent=agent_id))
+            agent.jobs.clear()
+            await self.room.drop(agent)
+            slot = agent.slot
+            del slot.agents[agent_id], self.agents[agent_id]
+            handle = slot.weights.pop(agent_id)
+            if not slot.agents:
+                await self._keep_alive(slot)  # holds the weights before this agent lets go
+            self.ledger.release(handle)
+            if self.room.slots.get(str(slot.path)) is slot:
+                await self.room.close_if_unused(slot)
+            log.info("unregister agent=%s model=%s", agent_id, slot.key)
+            return {"agent": agent_id}
+
+    async def shutdown(self) -> None:
+        """Fail every job and free every context and model."""
+        async with self._lock:
+            for agent in self.agents.values():
+                for job in agent.jobs:
+                    job.fail(Cancelled("the daemon is shutting down"))
+                agent.jobs.clear()
+            for slot in list(self.room.slots.values()):
+                await self._unload(slot)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while (slot := self._next_slot()) is not None:
+                async with self._lock:
+                    try:
+                        await self._run_slice(slot)
+                    except Exception as exc:  # a bug must not take the daemon down with it
+                        log.exception("scheduler error on model %s", slot.key)
+                        for agent in list(slot.agents.values()):
+                            for job in list(agent.jobs):
+                                self._fail(agent, job, LmxdError(f"internal error: {exc!r}"))
+                await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
+
+    def _next_slot(self) -> ModelSlot | None:
+        busy = [s for s in self.room.slots.values() if s.has_work]
+        if not busy:
+            return None
+        self._turn += 1
+        return busy[self._turn % len(busy)]
+
+    async def _run_slice(self, slot: ModelSlot) -> None:
+        for _ in range(self.config.slice_steps):
+            await self._admit(slot)
+            active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
+            for agent in [a for a in active if a.jobs[0].cancelled]:
+                if agent.jobs[0].generation is not None:
+                    await self.engine.acall(agent.jobs[0].generation.cancel)
+                self._finish(agent, agent.jobs[0], StopReason.CANCELLED)
+                active.remove(agent)
+            if not active:
+                return
+            await self._step(slot, active)
+
+    async def _admit(self, slot: ModelSlot) -> None:
+        """Start the queued jobs of ``slot`` whose agents can be made resident now."""
+        queued = [a for a in slot.agents.values() if a.state is AgentState.QUEUED]
+        for agent in sorted(queued, key=lambda a: a.jobs[0].timings.submitted):
+            job = agent.jobs[0]
+            if job.cancelled:
+                self._finish(agent, job, StopReason.CANCELLED)
+                continue
+            try:
+                if not await self.room.make_resident(agent, job):
+                    return  # no room until an active agent finishes
+                await self.engine.acall(prepare, agent, job)
+            except LmxdError as exc:
+                self._fail(agent, job, exc)
+                continue
+            agent.move(AgentState.ACTIVE)
+            job.timings.admitted = time.perf_counter()
+            slot.last_used = time.monotonic()
+
+    async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
+        plan = plan_step(active, self.room.config.n_batch)
+        need = sum(len(tokens) for _, tokens in plan.entries)
+        if slot.free_cells() < need:
+            await self.room.make_room(slot, need, plan.entries[0][0].jobs[0])
+            plan = plan.fitted(slot.free_cells())
+            if not plan.entries:
+                for agent in active:
+                    self._fail(agent, agent.jobs[0], Busy(
+                        f"model {slot.key}'s KV pool is full of decoding agents; try again",
+                        model=slot.key, pool_cells=slot.pool_cells))  # fmt: skip
+                return
+        t0 = time.perf_counter()
+        try:
+            pieces = await self.engine.acall(run_step, slot, plan)
+        except LmxdError as exc:
+            for agent, _ in plan.entries:
+                self._fail(agent, agent.jobs[0], exc)
+            return
+        elapsed = time.perf_counter() - t0
+        for agent, _ in plan.entries:
+            timings = agent.jobs[0].timings
+            if agent in plan.prefilling:
+                timings.prefill += elapsed
+            else:
+                timings.decode += elapsed
+        for agent, text in pieces:
+            job = agent.jobs[0]
+            if text and job.events is not None:
+                job.events.put_nowait(text)
+            if job.generation is not None and job.generation.done:
+                self._finish(agent, job, job.generation.stop_reason)
+        slot.last_used = time.monotonic()
+        if self.config.park_after_decode:
+            for agent in slot.idle_residents():
+                await self.room.park(agent)
+            await self.room.close_if_unused(slot)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _finish(self, agent: Agent, job: Job, reason: StopReason | None) -> None:
+        gen = job.generation
+        text = gen.text if gen is not None else ""
+        if job.messages is not None and gen is not None:
+            system = [ChatMessage("system", agent.system_prompt)] if agent.system_prompt else []
+            agent.history = [*(agent.history or system), *job.messages,
+                             ChatMessage("assistant", text)]  # fmt: skip
+        result = JobResult(
+            agent=agent.id, text=text, prompt_tokens=job.prompt_tokens,
+            generated_tokens=len(gen.tokens) if gen else 0,
+            stop_reason=reason or StopReason.CANCELLED, timings_ms=job.timings.as_ms(),
+            restored=job.restored, parked=job.parked,
+        )  # fmt: skip
+        self._end(agent, job)
+        if not job.done.done():
+            job.done.set_result(result)
+
+    def _fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
+        log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
+        self._end(agent, job)
+        job.fail(exc)
+
+    def _end(self, agent: Agent, job: Job) -> None:
+        """The job leaves the agent, which goes idle where its KV is, or takes its next job."""
+        agent.jobs.remove(job)
+        if job.events is not None:
+            job.events.put_nowait("")  # end of stream
+        agent.last_used = time.time()
+        if agent.seq is not None:
+            idle = AgentState.RESIDENT
+        else:
+            idle = AgentState.PARKED if agent.parked is not None else AgentState.EMPTY
+        if agent.state is not idle:
+            agent.move(idle)
+        if agent.jobs:
+            agent.move(AgentState.QUEUED)
+            self._wake.set()
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
+        return agent
+
+    def _resolve(self, model: str) -> Path:
+        path = catalog.resolve_model(model, self.config.models_dir).resolve()
+        if not any(path.is_relative_to(d.resolve()) for d in self.config.allowed_dirs):
+            raise Forbidden(
+                f"{path} is outside the allowed model directories "
+                f"({', '.join(str(d) for d in self.config.allowed_dirs)})",
+                path=str(path),
+            )
+        return path
+
+    async def _load(self, key: str, path: Path, weights: Request) -> ModelSlot:
+        """Reserve the weights (closing idle contexts if need be), then load the model."""
+        while isinstance(got := self.ledger.try_reserve(weights), Denial):
+            victims = self.room.evictable()
+            if not victims:
+                raise got.error()
+            await self.room.close_context(victims[0])
+        try:
+            model = await self.engine.acall(self.registry.acquire, path)
+        except LmxdError:
+            self.ledger.release(got[0])
+            raise
+        slot = ModelSlot(key, path, model.info, model)
+        slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
+        self.room.slots[str(path)] = slot
+        log.info("load model=%s bytes=%d", key, got[0].bytes)
+        return slot
+
+    def _cancel_unload(self, slot: ModelSlot) -> None:
+        if slot.unload_timer is not None:
+            slot.unload_timer.cancel()
+            slot.unload_timer = None
+        keepalive = slot.weights.pop(KEEPALIVE_HOLDER, None)
+        if keepalive is not None:
+            self.ledger.release(keepalive)
+
+    async def _keep_alive(self, slot: ModelSlot) -> None:
+        """No agent refers to ``slot`` any more: unload it after the keep-alive."""
+        got = self.ledger.try_reserve(Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}"))
+        assert not isinstance(got, Denial)  # keyed and live: costs nothing
+        slot.weights[KEEPALIVE_HOLDER] = got[0]
+        if self.config.keep_alive_s <= 0:
+            await self._unload(slot)
+            return
+        slot.unload_timer = asyncio.get_running_loop().call_later(
+            self.config.keep_alive_s, lambda: asyncio.ensure_future(self._unload_expired(slot))
+        )
+
+    async def _unload_expired(self, slot: ModelSlot) -> None:
+        async with self._lock:
+            if not slot.agents and self.room.slots.get(str(slot.path)) is slot:
+                await self._unload(slot)
+
+    async def _unload(self, slot: ModelSlot) -> None:
+        if slot.unload_timer is not None:
+            slot.unload_timer.cancel()
+        if slot.context is not None:
+            for agent in slot.residents():
+                await self.room.drop(agent)
+            await self.room.close_context(slot)
+        await self.engine.acall(self.registry.release, slot.model)
+        for handle in slot.weights.values():
+            self.ledger.release(handle)
+        slot.weights.clear()
+        del self.room.slots[str(slot.path)]
+        log.info("unload model=%s", slot.key)

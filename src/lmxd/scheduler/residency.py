@@ -1,0 +1,225 @@
+"""Making room: contexts opened under the ledger, idle agents parked, parked agents restored.
+
+Every way of getting memory for an agent is here, in the order the scheduler tries them:
+a free sequence and free cells in its model's context; else park that model's least recently
+used idle agents (their state goes to host RAM and their cells are freed); for a context that
+does not exist yet, reserve it in the ledger, closing other models' contexts whose agents are
+all idle (least recently used first) until it fits. Each park is one structured log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from lmxd.engine.context import Context, ContextParams
+from lmxd.engine.runtime import Engine
+from lmxd.errors import LmxdError, ParkBudgetExceeded
+from lmxd.kvstore import KvStore, ParkedState
+from lmxd.memory.estimator import Backend, estimate, weight_bytes
+from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
+from lmxd.modelfile import ModelInfo
+from lmxd.scheduler.agents import Agent, AgentState, Job
+from lmxd.scheduler.slots import ModelSlot
+
+log = logging.getLogger("lmxd.scheduler")
+
+MAX_SEQS_PER_CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class ResidencyConfig:
+    backend: Backend
+    n_batch: int = 512
+    n_threads: int = 0
+
+
+def _save_and_clear(ctx: Context, seq: int, store: KvStore) -> ParkedState | None:
+    """Engine thread: copy the sequence out, then free its cells. None if over budget."""
+    n_tokens = ctx.seq_len[seq]
+    size = ctx.seq_state_size(seq)
+    buffer = store.allocate(size)
+    if buffer is None:
+        return None
+    ctx.save_seq(seq, buffer)
+    ctx.clear_seq(seq)
+    return ParkedState(buffer, size, n_tokens)
+
+
+class Residency:
+    """Contexts, parking and restoring for the scheduler (its asyncio task only)."""
+
+    def __init__(
+        self, engine: Engine, ledger: Ledger, store: KvStore, config: ResidencyConfig
+    ) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.store = store
+        self.config = config
+        self.slots: dict[str, ModelSlot] = {}
+
+    # -- contexts ----------------------------------------------------------------------------
+
+    def weights_request(self, key: str, info: ModelInfo) -> Request:
+        """The model's weights, keyed by file: charged once however many agents share them."""
+        device, _ = weight_bytes(info, self.config.backend)
+        return Request(f"model:{key}", {"weights": device}, key=f"weights:{info.path}")
+
+    def context_request(self, key: str, info: ModelInfo, n_ctx: int, n_seq: int) -> Request:
+        est = estimate(info, n_ctx, n_seq, backend=self.config.backend,
+                       n_ubatch=self.config.n_batch)  # fmt: skip
+        parts = {"kv": est.kv, "compute": est.compute}
+        if self.config.backend is Backend.CPU:
+            parts["output"] = est.output
+        return Request(f"context:{key}", parts)
+
+    def evictable(self, exclude: ModelSlot | None = None) -> list[ModelSlot]:
+        """Other models' contexts whose agents are all idle, least recently used first."""
+        slots = [s for s in self.slots.values()
+                 if s is not exclude and s.context is not None and s.all_idle]  # fmt: skip
+        return sorted(slots, key=lambda s: s.last_used)
+
+    async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> None:
+        """Give ``slot`` a context: room for all its agents if the cap allows, else for one."""
+        n_seq = max(1, min(len(slot.agents), MAX_SEQS_PER_CONTEXT))
+        wanted = sum(sorted((a.n_ctx for a in slot.agents.values()), reverse=True)[:n_seq])
+        shapes = [(-(-wanted // n_seq), n_seq), (agent.n_ctx, 1)]
+        denial: Denial | None = None
+        for n_ctx, seqs in dict.fromkeys(shapes):
+            request = self.context_request(slot.key, slot.info, n_ctx, seqs)
+            while True:
+                got = self.ledger.try_reserve(request)
+                if not isinstance(got, Denial):
+                    await self._create_context(slot, n_ctx, seqs, got[0])
+                    return
+                denial = got
+                victims = self.evictable(exclude=slot)
+                if not victims:
+                    break
+                await self.close_context(victims[0], job)
+        assert denial is not None
+        raise denial.error()
+
+    async def _create_context(
+        self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
+    ) -> None:
+        params = ContextParams(n_ctx=n_ctx * n_seq, n_seq_max=n_seq,
+                               n_batch=self.config.n_batch, n_ubatch=self.config.n_batch,
+                               n_threads=self.config.n_threads)  # fmt: skip
+        try:
+            slot.context = await self.engine.acall(Context, slot.model, params)
+        except LmxdError:
+            self.ledger.release(res)
+            raise
+        slot.context_reservation = res
+        slot.seqs = [None] * n_seq
+        log.info("context open model=%s cells=%d seqs=%d bytes=%d",
+                 slot.key, slot.context.n_ctx, n_seq, res.bytes)  # fmt: skip
+
+    async def close_if_unused(self, slot: ModelSlot) -> None:
+        """Free ``slot``'s context once every agent is idle and none is resident."""
+        if slot.context is not None and slot.all_idle and not slot.residents():
+            await self.close_context(slot)
+
+    async def close_context(self, slot: ModelSlot, job: Job | None = None) -> None:
+        """Park every resident agent of ``slot`` (all idle), then free its context."""
+        for agent in slot.residents():
+            if not await self.park(agent):
+                raise ParkBudgetExceeded(
+                    f"cannot park {agent.id}: the host-RAM budget for parked state "
+                    f"({self.store.budget} bytes) is used up ({self.store.used} in use)",
+                    budget_bytes=self.store.budget,
+                    used_bytes=self.store.used,
+                )
+            if job is not None:
+                job.parked.append(agent.id)
+        ctx, slot.context, slot.seqs = slot.context, None, []
+        if ctx is not None:
+            await self.engine.acall(ctx.free)
+        if slot.context_reservation is not None:
+            self.ledger.release(slot.context_reservation)
+            slot.context_reservation = None
+        log.info("context closed model=%s", slot.key)
+
+    # -- agents ------------------------------------------------------------------------------
+
+    async def park(self, agent: Agent) -> bool:
+        """Move an idle resident agent's KV to host RAM. False if the park budget is spent."""
+        slot, ctx, seq = agent.slot, agent.slot.context, agent.seq
+        assert ctx is not None and seq is not None
+        agent.move(AgentState.PARKING)
+        t0 = time.perf_counter()
+        if ctx.seq_len[seq] == 0:
+            state = None
+        else:
+            state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
+            if state is None:
+                agent.move(AgentState.RESIDENT)
+                return False
+        slot.seqs[seq] = None
+        agent.seq, agent.parked = None, state
+        agent.move(AgentState.PARKED)
+        log.info("park agent=%s model=%s tokens=%d bytes=%d ms=%.2f", agent.id, slot.key,
+                 state.n_tokens if state else 0, state.nbytes if state else 0,
+                 (time.perf_counter() - t0) * 1000)  # fmt: skip
+        return True
+
+    async def drop(self, agent: Agent) -> None:
+        """Forget an agent's KV wherever it is (RESET, UNREGISTER)."""
+        slot = agent.slot
+        if agent.seq is not None and slot.context is not None:
+            await self.engine.acall(slot.context.clear_seq, agent.seq)
+            slot.seqs[agent.seq] = None
+        if agent.parked is not None:
+            self.store.free(agent.parked)
+        agent.seq, agent.parked = None, None
+
+    async def make_room(self, slot: ModelSlot, cells: int, job: Job) -> bool:
+        """Park idle agents of ``slot`` until ``cells`` are free. False if they cannot be."""
+        for victim in slot.idle_residents():
+            if slot.free_cells() >= cells:
+                break
+            if await self.park(victim):
+                job.parked.append(victim.id)
+        return slot.free_cells() >= cells
+
+    async def make_resident(self, agent: Agent, job: Job) -> bool:
+        """Give ``agent`` a sequence, restoring its parked state. False: wait and try again."""
+        slot = agent.slot
+        if slot.context is None:
+            await self.open_context(slot, agent, job)
+        if agent.seq is not None:
+            return True
+        seq = slot.free_seq()
+        if seq is None:
+            victims = slot.idle_residents()
+            if not victims or not await self.park(victims[0]):
+                return False
+            job.parked.append(victims[0].id)
+            seq = slot.free_seq()
+            assert seq is not None
+        need = agent.parked.n_tokens if agent.parked is not None else 0
+        if not await self.make_room(slot, need, job):
+            return False
+        assert slot.context is not None
+        slot.seqs[seq], agent.seq = agent.id, seq
+        if agent.parked is not None:
+            agent.move(AgentState.RESTORING)
+            t0 = time.perf_counter()
+            state = agent.parked
+            try:
+                await self.engine.acall(slot.context.load_seq, seq, state.buffer, state.nbytes)
+            except LmxdError:
+                slot.seqs[seq], agent.seq = None, None
+                agent.move(AgentState.PARKED)
+                raise
+            job.timings.restore += time.perf_counter() - t0
+            job.restored = True
+            self.store.free(state)
+            agent.parked = None
+            log.info(
+                "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f", agent.id, slot.key,
+                state.n_tokens, state.nbytes, job.timings.restore * 1000,
+            )  # fmt: skip
+        return True

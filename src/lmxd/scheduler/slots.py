@@ -1,0 +1,66 @@
+"""A model's life in the daemon: weights loaded once, one context shared by its agents.
+
+A slot is created by the first REGISTER of its model (weights charged to the ledger, one
+handle per agent, so the charge goes with the last of them), gets a context when one of its
+agents first needs to be resident, loses the context when every agent is idle and its room is
+needed (or all are parked), and is unloaded after a keep-alive once no agent refers to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmxd.engine.context import Context
+from lmxd.engine.model import Model
+from lmxd.memory.ledger import Reservation
+from lmxd.modelfile import ModelInfo
+from lmxd.scheduler.agents import Agent, AgentState
+
+KEEPALIVE_HOLDER = "\0keepalive"  # the weights handle held while no agent refers to the model
+
+
+@dataclass
+class ModelSlot:
+    key: str  # the name agents gave (catalog name or file stem)
+    path: Path
+    info: ModelInfo
+    model: Model
+    agents: dict[str, Agent] = field(default_factory=dict)
+    weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
+    context: Context | None = None
+    context_reservation: Reservation | None = None
+    seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
+    unload_timer: asyncio.TimerHandle | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def pool_cells(self) -> int:
+        return self.context.n_ctx if self.context is not None else 0
+
+    def used_cells(self) -> int:
+        return sum(self.context.seq_len) if self.context is not None else 0
+
+    def free_cells(self) -> int:
+        return self.pool_cells - self.used_cells()
+
+    def free_seq(self) -> int | None:
+        return next((i for i, owner in enumerate(self.seqs) if owner is None), None)
+
+    def residents(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.seq is not None]
+
+    def idle_residents(self) -> list[Agent]:
+        """Resident agents that may be parked, least recently used first."""
+        idle = [a for a in self.residents() if a.state is AgentState.RESIDENT]
+        return sorted(idle, key=lambda a: a.last_used)
+
+    @property
+    def all_idle(self) -> bool:
+        return all(a.idle for a in self.agents.values())
+
+    @property
+    def has_work(self) -> bool:
+        return any(a.state in (AgentState.QUEUED, AgentState.ACTIVE) for a in self.agents.values())

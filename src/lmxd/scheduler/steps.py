@@ -1,0 +1,119 @@
+"""What one step does: which tokens go in the batch, and the engine-thread work itself.
+
+``prepare`` and ``run_step`` run on the engine thread (they call llama.cpp); ``plan_step`` is
+plain bookkeeping on the scheduler's side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmxd.engine.context import SeqBatch
+from lmxd.engine.generate import Generation
+from lmxd.engine.model import ChatMessage
+from lmxd.errors import PromptTooLong
+from lmxd.scheduler.agents import Agent, Job
+from lmxd.scheduler.slots import ModelSlot
+
+
+@dataclass
+class Plan:
+    """One step's batch: per agent, the tokens it decodes now."""
+
+    entries: list[tuple[Agent, list[int]]] = field(default_factory=list)
+    prefilling: set[Agent] = field(default_factory=set)  # agents still in their prompt
+
+    def fitted(self, cells: int) -> Plan:
+        """The same step trimmed to ``cells`` free KV cells (prompt chunks shrink first)."""
+        out = Plan(prefilling=self.prefilling)
+        for agent, tokens in sorted(self.entries, key=lambda e: e[0] in self.prefilling):
+            take = tokens[: max(0, cells)]
+            if take:
+                out.entries.append((agent, take))
+                cells -= len(take)
+        return out
+
+
+def plan_step(active: list[Agent], n_batch: int) -> Plan:
+    """Generating agents bring their last token; prompts fill the rest of the batch."""
+    plan = Plan()
+    budget = n_batch
+    for agent in sorted(active, key=lambda a: a.jobs[0].generation is None):
+        job = agent.jobs[0]
+        if job.generation is not None:
+            tokens = [job.generation.tokens[-1]]
+        else:
+            tokens = job.pending[:budget]
+            plan.prefilling.add(agent)
+        if tokens:
+            plan.entries.append((agent, tokens))
+            budget -= len(tokens)
+        if budget <= 0:
+            break
+    return plan
+
+
+def prepare(agent: Agent, job: Job) -> None:
+    """Engine thread: the tokens this job adds to the conversation, checked against n_ctx.
+
+    The agent's conversation continues: what KV already holds is kept and only new tokens are
+    prefilled. In chat mode the whole conversation is rendered with the model's template and
+    compared with the tokens in KV; a tail that differs (a template may render a reply
+    differently from the tokens generated) is dropped and prefilled again.
+    """
+    model, ctx = agent.slot.model, agent.slot.context
+    assert ctx is not None and agent.seq is not None
+    if job.messages is not None:
+        system = [ChatMessage("system", agent.system_prompt)] if agent.system_prompt else []
+        rendered = model.apply_chat_template([*(agent.history or system), *job.messages])
+        tokens = model.tokenize(rendered, add_special=False)
+    else:
+        text = job.prompt or ""
+        if not agent.tokens and agent.system_prompt:
+            text = agent.system_prompt + text
+        tokens = agent.tokens + model.tokenize(text, add_special=not agent.tokens)
+    if len(tokens) >= agent.n_ctx:
+        raise PromptTooLong(
+            f"the conversation would be {len(tokens)} tokens; agent {agent.id!r} has n_ctx "
+            f"{agent.n_ctx} (RESET it, or register it with a larger n_ctx)",
+            tokens=len(tokens), n_ctx=agent.n_ctx,
+        )  # fmt: skip
+    in_kv = ctx.seq_len[agent.seq]
+    keep = 0
+    while keep < min(in_kv, len(tokens)) and tokens[keep] == agent.tokens[keep]:
+        keep += 1
+    keep = min(keep, len(tokens) - 1)  # at least one token to decode: its logits start the reply
+    ctx.truncate_seq(agent.seq, keep)
+    keep = ctx.seq_len[agent.seq]  # 0 if a sliding-window cache had to be cleared
+    agent.tokens = tokens
+    job.pending = tokens[keep:]
+    job.prompt_tokens = len(job.pending)
+
+
+def run_step(slot: ModelSlot, plan: Plan) -> list[tuple[Agent, str]]:
+    """Engine thread: one decode over the plan, then sample for every agent that is due."""
+    ctx = slot.context
+    assert ctx is not None
+    batch = []
+    for agent, tokens in plan.entries:
+        assert agent.seq is not None
+        job = agent.jobs[0]
+        due = job.generation is not None or len(tokens) == len(job.pending)
+        batch.append(SeqBatch(agent.seq, tokens, want_logits=due))
+    outs = ctx.decode(batch)
+    pieces = []
+    for agent, tokens in plan.entries:
+        job, seq = agent.jobs[0], agent.seq
+        assert seq is not None
+        if job.generation is None:
+            del job.pending[: len(tokens)]
+            if job.pending:
+                continue
+            job.generation = Generation(ctx, seq, job.max_tokens, job.sampling, job.stops,
+                                        n_ctx_limit=agent.n_ctx, history=agent.tokens)  # fmt: skip
+        before = len(job.generation.tokens)
+        token, text = job.generation.sample(outs[seq])
+        if len(job.generation.tokens) > before:  # an end-of-generation token is not kept
+            agent.tokens.append(token)
+        pieces.append((agent, text))
+    return pieces

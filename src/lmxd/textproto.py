@@ -1,0 +1,129 @@
+"""The article's text protocol, spoken on the same socket (``nc -U`` transcripts work).
+
+One command per line; every answer line starts with ``OK`` or ``ERR``. Told apart from JSON
+lines by the connection's first byte. The commands map onto the same service calls as JSON::
+
+    REGISTER <agent_id>\\t<gguf path or catalog name>
+    DECODE <agent_id> <n_tokens> <prompt text>
+    UNREGISTER <agent_id>
+    STATUS | LIST | HELP
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from lmxd import protocol
+from lmxd.errors import LedgerDenied, LineTooLong, LmxdError, ProtocolError, UnknownOp
+
+if TYPE_CHECKING:
+    from lmxd.server import Connection
+
+SCHEMA = "lmx-daemon/1"
+HELP = [
+    "OK commands: REGISTER <agent_id>\\t<gguf path>",
+    "OK          DECODE <agent_id> <n_tokens> <prompt text>",
+    "OK          UNREGISTER <agent_id> | STATUS | LIST | HELP",
+    "OK (a connection whose first byte is '{' speaks JSON lines instead: docs/protocol.md)",
+]
+
+
+def _err(exc: LmxdError) -> str:
+    if isinstance(exc, LedgerDenied):
+        d = exc.details
+        return (
+            f"ERR VRAM_LEDGER_DENY code={d['reason']} ledger_max_bytes={d['cap_bytes']} "
+            f"ledger_allocated_bytes={d['reserved_bytes']} "
+            f"requested_table_bytes={d['requested_bytes']}"
+        )
+    return f"ERR {exc.code} {' '.join(exc.message.split())}"
+
+
+def _kv(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+async def _command(conn: Connection, line: str) -> list[str]:
+    svc = conn.service
+    verb, _, rest = line.partition(" ")
+    verb = verb.upper()
+    if verb == "HELP":
+        return HELP
+    if verb == "REGISTER":
+        agent, tab, path = rest.partition("\t")
+        if not tab or not protocol.is_agent_id(agent) or not path.strip():
+            raise ProtocolError("usage: REGISTER <agent_id>\\t<gguf path>")
+        req = protocol.Register(id=0, agent=agent, model=path.strip(),
+                                n_ctx=svc.limits.default_n_ctx)  # fmt: skip
+        reply = await svc.register(req)
+        return [f"OK registered agent={agent} model={reply['model']}"]
+    if verb == "DECODE":
+        parts = rest.split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) <= 0:
+            raise ProtocolError("usage: DECODE <agent_id> <n_tokens> <prompt text>")
+        agent, n_tokens = parts[0], int(parts[1])
+        prompt = parts[2] if len(parts) > 2 else ""
+        job = svc.decode(protocol.Decode(id=0, agent=agent, prompt=prompt, max_tokens=n_tokens))
+        result = await conn.run_job(f"text-{id(job)}", job)
+        return [
+            f"OK schema={SCHEMA}",
+            f"OK invoke=DECODE agent_id={agent}",
+            f"OK prompt_tokens={result.prompt_tokens} generated_tokens={result.generated_tokens}"
+            f" stopped_on_eos={str(result.stop_reason.value == 'eos').lower()}",
+            f"OK elapsed_ms={result.timings_ms['total']:.3f}",
+            f"OK kv_swap_evicted={','.join(result.parked) or 'none'}"
+            f" kv_swap_restored={str(result.restored).lower()}",
+            "BEGIN_RESPONSE",
+            result.text,
+            "END_RESPONSE",
+        ]
+    if verb == "UNREGISTER":
+        if not protocol.is_agent_id(rest.strip()):
+            raise ProtocolError("usage: UNREGISTER <agent_id>")
+        await svc.scheduler.unregister(rest.strip())
+        return [f"OK unregistered agent={rest.strip()}"]
+    if verb == "STATUS":
+        s = svc.status()
+        return [
+            f"OK device={s['device']['kind']} total_bytes={s['device']['total']} "
+            f"free_bytes={s['device']['free']}",
+            f"OK ledger_max_bytes={s['ledger']['cap']} ledger_allocated_bytes="
+            f"{s['ledger']['reserved']}",
+            f"OK agents={s['agents']} parked_host_bytes={s['parked_host_bytes']} "
+            f"queue_depth={s['queue']['depth']}",
+        ]
+    if verb == "LIST":
+        agents = svc.list_agents()["agents"]
+        lines = [f"OK {_kv({k: a[k] for k in ('agent', 'model', 'state', 'n_ctx', 'tokens')})}"
+                 for a in agents]  # fmt: skip
+        return [*lines, f"OK agents={len(agents)}"]
+    raise UnknownOp(f"unknown command {verb!r}; send HELP")
+
+
+async def serve_text(conn: Connection, first: bytes) -> None:
+    pending = first
+    while True:
+        try:
+            line = await conn.read_line()
+        except LineTooLong as exc:
+            pending = b""
+            await conn.send((_err(exc) + "\n").encode())
+            continue
+        if line is None:
+            return
+        raw, pending = pending + line, b""
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            await conn.send(b"ERR BAD_UTF8 commands are UTF-8\n")
+            continue
+        if not text.strip():
+            continue
+        try:
+            lines = await _command(conn, text)
+        except LmxdError as exc:
+            lines = [_err(exc)]
+        except asyncio.CancelledError:
+            raise
+        await conn.send(("\n".join(lines) + "\n").encode())
