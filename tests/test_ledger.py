@@ -155,4 +155,8 @@ def test_fits_answers_as_if_the_ignored_were_released() -> None:
     # a shared charge goes only when every holder is ignored
     denial = ledger.fits(Request("x", {"kv": 4 * GiB}), ignoring=shared)
     assert isinstance(denial, Denial) and denial.reserved == 7 * GiB
+    assert denial.reclaimable == 0 and denial.free == 3 * GiB
+    denial = ledger.fits(Request("x", {"kv": 10 * GiB}), ignoring=got)
+    assert isinstance(denial, Denial) and denial.reclaimable == 6 * GiB
+    assert denial.free == 9 * GiB and "6.00 GiB of it idle" in denial.message()
     assert ledger.fits(Request("x", {"kv": 4 * GiB}), ignoring=(*shared, *other)) is None

@@ -56,17 +56,20 @@ class Denial:
     requested: int
     parts: dict[str, int]
     owners: tuple[str, ...]
+    reclaimable: int = 0  # of ``reserved``, what releasing the ignored reservations would free
 
     @property
     def free(self) -> int:
-        return self.cap - self.reserved
+        """What could be had: the free bytes plus the reclaimable ones."""
+        return self.cap - self.reserved + self.reclaimable
 
     def message(self) -> str:
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items() if v)
+        reclaim = f", {format_bytes(self.reclaimable)} of it idle" if self.reclaimable else ""
         return (
             f"VRAM ledger denies {' + '.join(self.owners)}: needs {format_bytes(self.requested)} "
-            f"({detail}) but only {format_bytes(self.free)} of the {format_bytes(self.cap)} cap "
-            f"is free ({format_bytes(self.reserved)} reserved)"
+            f"({detail}) but at most {format_bytes(self.free)} of the {format_bytes(self.cap)} "
+            f"cap can be had ({format_bytes(self.reserved)} reserved{reclaim})"
         )
 
     def error(self) -> LedgerDenied:
@@ -76,6 +79,7 @@ class Denial:
             cap_bytes=self.cap,
             reserved_bytes=self.reserved,
             requested_bytes=self.requested,
+            reclaimable_bytes=self.reclaimable,
             parts=dict(self.parts),
         )
 
@@ -149,14 +153,16 @@ class Ledger:
                 new_keys.add(r.key)
             new.append(r)
         requested = sum(r.bytes for r in new)
-        reserved = self._reserved() - sum(self._charges[slot].bytes for slot in freed)
-        if reserved + requested <= self.cap:
+        reserved = self._reserved()
+        reclaimable = sum(self._charges[slot].bytes for slot in freed)
+        if reserved - reclaimable + requested <= self.cap:
             return None
         parts: dict[str, int] = {}
         for r in new:
             for name, size in r.parts.items():
                 parts[name] = parts.get(name, 0) + size
-        return Denial(self.cap, reserved, requested, parts, tuple(r.owner for r in requests))
+        owners = tuple(r.owner for r in requests)
+        return Denial(self.cap, reserved, requested, parts, owners, reclaimable)
 
     def release(self, reservation: Reservation) -> None:
         """Give the bytes back (for a shared charge, when its last holder releases)."""

@@ -66,6 +66,9 @@ class Scheduler:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._turn = 0  # round-robin position over models
+        # Replies wait here until the step's bookkeeping (forced parks included) is done, so a
+        # client that asks right after its reply sees the agent where the reply left it.
+        self._replies: list[tuple[Job, JobResult]] = []
 
     # -- operations (called by the server) ---------------------------------------------------
 
@@ -185,6 +188,8 @@ class Scheduler:
                         for agent in list(slot.agents.values()):
                             for job in list(agent.jobs):
                                 self._fail(agent, job, LmxdError(f"internal error: {exc!r}"))
+                    finally:
+                        self._send_replies()
                 await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
 
     def _next_slot(self) -> ModelSlot | None:
@@ -206,6 +211,7 @@ class Scheduler:
             if not active:
                 return
             await self._step(slot, active)
+            self._send_replies()
 
     async def _admit(self, slot: ModelSlot) -> None:
         """Start the queued jobs of ``slot`` whose agents can be made resident now."""
@@ -280,8 +286,13 @@ class Scheduler:
             restored=job.restored, parked=job.parked,
         )  # fmt: skip
         self._end(agent, job)
-        if not job.done.done():
-            job.done.set_result(result)
+        self._replies.append((job, result))
+
+    def _send_replies(self) -> None:
+        for job, result in self._replies:
+            if not job.done.done():
+                job.done.set_result(result)
+        self._replies.clear()
 
     def _fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
         log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)

@@ -175,6 +175,15 @@ class Residency:
             self.store.free(agent.parked)
         agent.seq, agent.parked = None, None
 
+    @staticmethod
+    def _outgrown(slot: ModelSlot) -> bool:
+        """More agents than sequences, no free sequence, and none of them busy: the context
+        can be closed (every resident parked) and reopened larger without stalling anyone."""
+        wanted = min(len(slot.agents), MAX_SEQS_PER_CONTEXT)
+        busy = any(a.state not in (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY,
+                                   AgentState.QUEUED) for a in slot.agents.values())  # fmt: skip
+        return len(slot.seqs) < wanted and slot.free_seq() is None and not busy
+
     async def make_room(self, slot: ModelSlot, cells: int, job: Job) -> bool:
         """Park idle agents of ``slot`` until ``cells`` are free. False if they cannot be."""
         for victim in slot.idle_residents():
@@ -187,10 +196,12 @@ class Residency:
     async def make_resident(self, agent: Agent, job: Job) -> bool:
         """Give ``agent`` a sequence, restoring its parked state. False: wait and try again."""
         slot = agent.slot
-        if slot.context is None:
-            await self.open_context(slot, agent, job)
         if agent.seq is not None:
             return True
+        if slot.context is not None and self._outgrown(slot):
+            await self.close_context(slot, job)  # reopened below, with room for every agent
+        if slot.context is None:
+            await self.open_context(slot, agent, job)
         seq = slot.free_seq()
         if seq is None:
             victims = slot.idle_residents()
