@@ -21,9 +21,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "lmxd.cli", "serve", "--socket", str(self.socket),
                "--keep-alive", "0", *args]  # fmt: skip
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from daemon_harness import Daemon, Wire
 
 CHAT = [
@@ -351,7 +350,7 @@ def test_many_clients_at_once(daemon: Daemon) -> None:
                 c.ok("DECODE", agent=f"a{i}", prompt=f"Number {i}:", max_tokens=6)
                 c.ok("STATUS")
             c.close()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]

@@ -3,6 +3,7 @@
 The public names are re-exported here; the modules behind them are internal.
 """
 
+from lmxd.client import AsyncClient, Client, DecodeResult
 from lmxd.errors import (
     BudgetParseError,
     ContextSizeError,
@@ -19,8 +20,11 @@ from lmxd.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "BudgetParseError",
+    "Client",
     "ContextSizeError",
+    "DecodeResult",
     "EngineError",
     "FetchError",
     "InvalidInput",

@@ -72,9 +72,7 @@ class Service:
     def decode(self, req: protocol.Decode) -> Job:
         agent = self.scheduler.agents.get(req.agent)
         base = agent.sampling if agent is not None else SamplingParams()
-        messages = (
-            [ChatMessage(m.role, m.content) for m in req.messages] if req.messages else None
-        )
+        messages = [ChatMessage(m.role, m.content) for m in req.messages] if req.messages else None
         return self.scheduler.submit(
             req.agent, req.prompt, messages, req.max_tokens,
             sampling_params(base, req.sampling), req.stop, req.stream,

@@ -35,7 +35,7 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lmxd.cli import demo, models  # noqa: F401  (each module adds its verbs to `main`)
+    from lmxd.cli import agents, daemon, demo, models  # noqa: F401  (each adds verbs to `main`)
 
 
 _register()

@@ -13,26 +13,68 @@ from lmxd.units import parse_bytes
 
 
 @main.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
-              help="Unix socket (default: $XDG_RUNTIME_DIR/lmxd.sock, else /tmp/lmxd-$UID.sock).")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=f"Catalog models directory (default: ${catalog.MODELS_DIR_ENV} or user cache).")
-@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path),
-              help="Another directory agents may load .gguf files from (repeatable).")
-@click.option("--vram-cap-percent", type=float, default=90.0, show_default=True,
-              help="The ledger admits work up to this share of the device.")
-@click.option("--vram-limit", default=None,
-              help="Behave as a card of this size, e.g. 8GiB (on CPU: host memory).")
-@click.option("--park-budget", default="8GiB", show_default=True,
-              help="Host RAM for parked agents' KV state.")
-@click.option("--keep-alive", type=float, default=300.0, show_default=True,
-              help="Seconds a model stays loaded after its last agent goes (0 = unload at once).")
-@click.option("--max-queue", type=int, default=64, show_default=True,
-              help="DECODE jobs waiting or running; past it requests get BUSY.")
-@click.option("--n-ctx", "default_n_ctx", type=int, default=4096, show_default=True,
-              help="n_ctx of agents registered without one (the text protocol's REGISTER).")
-@click.option("--park-after-decode", is_flag=True,
-              help="Testing: park every agent as soon as its DECODE ends.")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Unix socket (default: $XDG_RUNTIME_DIR/lmxd.sock, else /tmp/lmxd-$UID.sock).",
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Catalog models directory (default: ${catalog.MODELS_DIR_ENV} or user cache).",
+)
+@click.option(
+    "--allow-dir",
+    "allow_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Another directory agents may load .gguf files from (repeatable).",
+)
+@click.option(
+    "--vram-cap-percent",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="The ledger admits work up to this share of the device.",
+)
+@click.option(
+    "--vram-limit",
+    default=None,
+    help="Behave as a card of this size, e.g. 8GiB (on CPU: host memory).",
+)
+@click.option(
+    "--park-budget", default="8GiB", show_default=True, help="Host RAM for parked agents' KV state."
+)
+@click.option(
+    "--keep-alive",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a model stays loaded after its last agent goes (0 = unload at once).",
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    default=64,
+    show_default=True,
+    help="DECODE jobs waiting or running; past it requests get BUSY.",
+)
+@click.option(
+    "--n-ctx",
+    "default_n_ctx",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="n_ctx of agents registered without one (the text protocol's REGISTER).",
+)
+@click.option(
+    "--park-after-decode",
+    is_flag=True,
+    help="Testing: park every agent as soon as its DECODE ends.",
+)
 @click.option("--threads", type=int, default=0, help="CPU threads for llama.cpp (0 = all).")
 def serve(
     socket_path: Path | None, models_dir: Path | None, allow_dirs: tuple[Path, ...],
