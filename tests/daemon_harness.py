@@ -3,52 +3,21 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from lmxd.spawn import DaemonProcess
 
-class Daemon:
+
+class Daemon(DaemonProcess):
+    """A real daemon for a test: models unloaded at once (--keep-alive 0) unless told."""
+
     def __init__(self, *args: str, socket: Path | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="lmxd-", dir="/tmp"))  # AF_UNIX paths are short
-        self.socket = socket or self.dir / "d.sock"
-        self.log_path = self.dir / "daemon.log"
-        cmd = [sys.executable, "-m", "lmxd.cli", "serve", "--socket", str(self.socket),
-               "--keep-alive", "0", *args]  # fmt: skip
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                Wire(self.socket).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"daemon did not listen in 60 s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__("--keep-alive", "0", *args, socket_path=socket, timeout=60)
 
     def wire(self) -> Wire:
         return Wire(self.socket)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 class Wire:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmxd.engine.runtime import Engine
-from lmxd.errors import InvalidInput
-from lmxd.kvstore import KvStore
+from lmxd.errors import DaemonRunning
+from lmxd.kvstore import KvStore, PinnedMemory
 from lmxd.memory.device import ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.ledger import Denial, Ledger, Request
@@ -43,10 +43,7 @@ class DaemonConfig:
     default_n_ctx: int = 4096
     park_after_decode: bool = False
     n_threads: int = 0
-
-
-class DaemonRunning(InvalidInput):
-    code = "DAEMON_RUNNING"
+    max_seqs: int = 16
 
 
 def claim_socket(path: Path) -> None:
@@ -78,8 +75,10 @@ async def run(config: DaemonConfig) -> None:
         got = ledger.try_reserve(Request("backend", {"overhead": CUDA_OVERHEAD}))
         if isinstance(got, Denial):
             raise got.error()
-    store = KvStore(config.park_budget)
-    room = Residency(engine, ledger, store, ResidencyConfig(backend, n_threads=config.n_threads))
+    # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
+    store = KvStore(config.park_budget, PinnedMemory.load() if backend is Backend.CUDA else None)
+    room = Residency(engine, ledger, store, ResidencyConfig(
+        backend, n_threads=config.n_threads, max_seqs=config.max_seqs))  # fmt: skip
     scheduler = Scheduler(engine, room, SchedulerConfig(
         models_dir=config.models_dir, allowed_dirs=config.allowed_dirs,
         max_queue=config.max_queue, keep_alive_s=config.keep_alive_s,

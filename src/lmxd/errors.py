@@ -25,6 +25,10 @@ Every failure a caller can act on is one of these types, and each carries a stab
     ├── Cancelled               the request was cancelled              (code: CANCELLED)
     ├── ShuttingDown            the daemon is stopping                 (code: SHUTTING_DOWN)
     ├── EngineError             llama.cpp refused or failed a call     (code: ENGINE_ERROR)
+    │   └── KvCacheFull         no KV cells left for a batch           (code: KV_CACHE_FULL)
+    ├── DaemonRunning           a daemon already owns that socket      (code: DAEMON_RUNNING)
+    ├── DaemonUnavailable       no daemon answers, or it went away     (code: DAEMON_UNAVAILABLE)
+    ├── DaemonFailed            a spawned daemon did not come up       (code: DAEMON_FAILED)
     └── FetchError              a model could not be fetched/verified  (code: FETCH_FAILED)
 
 llama.cpp and OS failures are translated into this tree where they happen (``raise … from
@@ -142,6 +146,22 @@ class ShuttingDown(LmxdError):
 
 class EngineError(LmxdError):
     code = "ENGINE_ERROR"
+
+
+class KvCacheFull(EngineError):
+    code = "KV_CACHE_FULL"
+
+
+class DaemonRunning(LmxdError):
+    code = "DAEMON_RUNNING"
+
+
+class DaemonUnavailable(LmxdError):
+    code = "DAEMON_UNAVAILABLE"
+
+
+class DaemonFailed(LmxdError):
+    code = "DAEMON_FAILED"
 
 
 class FetchError(LmxdError):

@@ -1,49 +1,147 @@
-"""Parked agents' KV state in host RAM, under its own budget.
+"""Parked agents' KV state in host RAM: reusable buffers under their own budget.
 
-A parked agent's sequence state (what ``llama_state_seq_get_data`` writes) lives here until the
-agent's next DECODE restores it. The store only accounts and hands out buffers; the engine
-thread fills and drains them. "Does not fit" is a value: :meth:`KvStore.allocate` returns
-``None`` past the budget, and the scheduler turns that into a clear error for the request
-that needed the room. (A disk tier for when host RAM is short comes later.)
+A parked agent's sequence state (what ``llama_state_seq_get_data`` writes) lives here until
+its next DECODE restores it. On a GPU the buffers are page-locked (``cudaHostAlloc`` through
+libcudart, by ctypes): copies to and from the card then run at PCIe speed (55 GB/s measured
+on the H200 machine, against 9-21 GB/s from ordinary memory). Page-locking is slow, so buffers
+are kept and reused: after the first parks, parking allocates nothing.
+
+The store only accounts and hands out buffers; the engine thread fills and drains them.
+"Does not fit" is a value: :meth:`KvStore.allocate` returns ``None`` past the budget. (A disk
+tier for when host RAM is short comes later.)
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("lmxd.kvstore")
+
+_MIN_BUFFER = 1 << 20
+
+
+class HostBuffer(Protocol):
+    def __len__(self) -> int: ...
 
 
 @dataclass
 class ParkedState:
     """One agent's saved sequence: ``nbytes`` of ``buffer``, holding ``n_tokens`` cells."""
 
-    buffer: bytearray
+    buffer: HostBuffer
     nbytes: int
     n_tokens: int
 
 
-class KvStore:
-    """Host buffers for parked state, thread-safe (filled on the engine thread)."""
+def size_class(nbytes: int) -> int:
+    """Round up to one of 8 steps per power of two (at most 12.5% slack) so buffers of
+    slightly different states can be reused for one another."""
+    if nbytes <= _MIN_BUFFER:
+        return _MIN_BUFFER
+    step = 1 << max(0, nbytes.bit_length() - 4)
+    return (nbytes + step - 1) // step * step
 
-    def __init__(self, budget: int) -> None:
+
+class PinnedMemory:
+    """cudaHostAlloc / cudaFreeHost through libcudart (no CUDA Python package needed)."""
+
+    def __init__(self, library: str) -> None:
+        self._cuda = ctypes.CDLL(library)
+        self._cuda.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+                                             ctypes.c_uint]  # fmt: skip
+        self._cuda.cudaFreeHost.argtypes = [ctypes.c_void_p]
+
+    @classmethod
+    def load(cls) -> PinnedMemory | None:
+        """The CUDA runtime if this machine has one, else None (host memory stays ordinary)."""
+        for name in ("/usr/local/cuda/lib64/libcudart.so", ctypes.util.find_library("cudart")):
+            if not name:
+                continue
+            try:
+                return cls(name)
+            except OSError:
+                continue
+        return None
+
+    def allocate(self, size: int) -> HostBuffer | None:
+        ptr = ctypes.c_void_p()
+        if self._cuda.cudaHostAlloc(ctypes.byref(ptr), size, 0) != 0 or not ptr.value:
+            return None
+        return (ctypes.c_uint8 * size).from_address(ptr.value)
+
+    def free(self, buffer: HostBuffer) -> None:
+        self._cuda.cudaFreeHost(ctypes.addressof(buffer))  # type: ignore[arg-type]
+
+
+class KvStore:
+    """Host buffers for parked state, thread-safe (filled on the engine thread).
+
+    ``budget`` bounds all the host memory the store holds, in use or kept for reuse.
+    """
+
+    def __init__(self, budget: int, pinned: PinnedMemory | None = None) -> None:
         self.budget = budget
-        self._used = 0
+        self.pinned = pinned
         self._lock = threading.Lock()
+        self._in_use = 0  # bytes of buffers holding parked state
+        self._idle: dict[int, list[HostBuffer]] = {}  # size class -> buffers kept for reuse
+        self._idle_bytes = 0
 
     @property
     def used(self) -> int:
         with self._lock:
-            return self._used
+            return self._in_use
 
-    def allocate(self, nbytes: int) -> bytearray | None:
-        """A buffer of ``nbytes``, or None if that would pass the budget."""
+    def allocate(self, nbytes: int) -> HostBuffer | None:
+        """A buffer of at least ``nbytes``, or None if that would pass the budget."""
+        size = size_class(nbytes)
         with self._lock:
-            if self._used + nbytes > self.budget:
+            kept = self._idle.get(size)
+            if kept:
+                self._idle_bytes -= size
+                self._in_use += size
+                return kept.pop()
+            while self._in_use + self._idle_bytes + size > self.budget and self._idle_bytes:
+                self._release_one()
+            if self._in_use + size > self.budget:
                 return None
-            self._used += nbytes
-        return bytearray(nbytes)
+            self._in_use += size
+        buffer = self._new(size)
+        if buffer is None:
+            with self._lock:
+                self._in_use -= size
+        return buffer
 
     def free(self, state: ParkedState) -> None:
+        """The state was restored or dropped: keep its buffer for the next park."""
+        size = len(state.buffer)
         with self._lock:
-            self._used -= len(state.buffer)
+            self._in_use -= size
+            self._idle.setdefault(size, []).append(state.buffer)
+            self._idle_bytes += size
         state.buffer = bytearray()
+
+    def _new(self, size: int) -> HostBuffer | None:
+        if self.pinned is not None:
+            buffer = self.pinned.allocate(size)
+            if buffer is not None:
+                return buffer
+            log.warning("cudaHostAlloc of %d bytes failed; using ordinary memory", size)
+        return bytearray(size)
+
+    def _release_one(self) -> None:
+        """Give back the largest idle buffer (lock held)."""
+        size = max(s for s, bufs in self._idle.items() if bufs)
+        buffer = self._idle[size].pop()
+        self._idle_bytes -= size
+        release: Callable[[HostBuffer], None] = (
+            self.pinned.free if self.pinned is not None and not isinstance(buffer, bytearray)
+            else lambda _: None
+        )  # fmt: skip
+        release(buffer)

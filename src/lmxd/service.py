@@ -123,6 +123,7 @@ class Service:
                 "by_agent": by_agent,
             },
             "parked_host_bytes": sched.room.store.used,
+            "transfers": protocol.to_builtins(sched.room.transfers),
             "park_budget": sched.room.store.budget,
             "queue": {
                 "depth": sum(len(a.jobs) for a in sched.agents.values()),

@@ -76,10 +76,17 @@ from lmxd.units import parse_bytes
     help="Testing: park every agent as soon as its DECODE ends.",
 )
 @click.option("--threads", type=int, default=0, help="CPU threads for llama.cpp (0 = all).")
+@click.option(
+    "--max-seqs",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Agents of one model resident at once (sequences per context); others park.",
+)
 def serve(
     socket_path: Path | None, models_dir: Path | None, allow_dirs: tuple[Path, ...],
     vram_cap_percent: float, vram_limit: str | None, park_budget: str, keep_alive: float,
-    max_queue: int, default_n_ctx: int, park_after_decode: bool, threads: int,
+    max_queue: int, default_n_ctx: int, park_after_decode: bool, threads: int, max_seqs: int,
 ) -> None:  # fmt: skip
     """Run the daemon: one process owns the device; agents connect over a Unix socket."""
     from lmxd.daemon import DaemonConfig
@@ -99,5 +106,6 @@ def serve(
         default_n_ctx=default_n_ctx,
         park_after_decode=park_after_decode,
         n_threads=threads,
+        max_seqs=max_seqs,
     )
     run_daemon(config)

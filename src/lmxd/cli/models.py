@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from lmxd import catalog
+from lmxd import catalog, protocol
 from lmxd.cli import console, main
 from lmxd.memory.estimator import Backend, MemoryEstimate, estimate
 from lmxd.modelfile import read_model_info
@@ -52,6 +52,11 @@ def models(models_dir: Path | None) -> None:
             "yes" if info.chat_template else "no", path.name,
         )  # fmt: skip
     console.print(table)
+    from lmxd.cli.agents import loaded_models_table
+
+    loaded = loaded_models_table(protocol.default_socket_path())
+    if loaded is not None:
+        console.print(loaded)
 
 
 @main.command()

@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 
 from lmxd.engine.model import Model
-from lmxd.errors import EngineError, InvalidInput
+from lmxd.errors import EngineError, InvalidInput, KvCacheFull
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
 
@@ -53,12 +53,6 @@ class SeqBatch:
     seq_id: int
     tokens: Sequence[int]
     want_logits: bool = True
-
-
-class KvCacheFull(EngineError):
-    """llama_decode found no room in the KV pool for the batch (return value 1)."""
-
-    code = "KV_CACHE_FULL"
 
 
 class Context:

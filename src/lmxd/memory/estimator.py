@@ -84,10 +84,10 @@ def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def check_n_ctx(info: ModelInfo, n_ctx: int) -> None:
+def check_n_ctx(info: ModelInfo, n_ctx: int, beyond_training: bool = False) -> None:
     if n_ctx <= 0:
         raise ContextSizeError(f"n_ctx must be positive, got {n_ctx}", n_ctx=n_ctx)
-    if n_ctx > info.n_ctx_train:
+    if n_ctx > info.n_ctx_train and not beyond_training:
         raise ContextSizeError(
             f"n_ctx {n_ctx} is above {info.name!r}'s training context of {info.n_ctx_train}",
             n_ctx=n_ctx,
@@ -146,9 +146,14 @@ def estimate(
     n_ubatch: int = 512,
     type_k: str = "f16",
     type_v: str = "f16",
+    beyond_training: bool = False,
 ) -> MemoryEstimate:
-    """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each over one KV pool."""
-    check_n_ctx(info, n_ctx)
+    """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each over one KV pool.
+
+    ``beyond_training`` sizes contexts longer than the model was trained for, as the
+    article's naive set-up did (n_ctx 172,032 for every model); lmxd itself refuses them.
+    """
+    check_n_ctx(info, n_ctx, beyond_training)
     if n_seq < 1:
         raise ContextSizeError(f"n_seq must be >= 1, got {n_seq}", n_seq=n_seq)
     weights, weights_host = weight_bytes(info, backend, n_gpu_layers)

@@ -63,6 +63,7 @@ class DecodeTimings:
     def __init__(self) -> None:
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
+        self.park = 0.0  # parking other agents to make room for this job
         self.restore = 0.0
         self.prefill = 0.0
         self.decode = 0.0
@@ -72,6 +73,7 @@ class DecodeTimings:
         total = time.perf_counter() - self.submitted
         return {
             "queued": round(queued * 1000, 3),
+            "park": round(self.park * 1000, 3),
             "restore": round(self.restore * 1000, 3),
             "prefill": round(self.prefill * 1000, 3),
             "decode": round(self.decode * 1000, 3),

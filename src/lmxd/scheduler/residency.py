@@ -25,7 +25,17 @@ from lmxd.scheduler.slots import ModelSlot
 
 log = logging.getLogger("lmxd.scheduler")
 
-MAX_SEQS_PER_CONTEXT = 16
+
+@dataclass
+class Transfers:
+    """Parks and restores so far: how many, how many bytes, how long (for STATUS)."""
+
+    parks: int = 0
+    park_bytes: int = 0
+    park_s: float = 0.0
+    restores: int = 0
+    restore_bytes: int = 0
+    restore_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class ResidencyConfig:
     backend: Backend
     n_batch: int = 512
     n_threads: int = 0
+    max_seqs: int = 16  # sequences per context: agents of one model resident at once
 
 
 def _save_and_clear(ctx: Context, seq: int, store: KvStore) -> ParkedState | None:
@@ -58,6 +69,7 @@ class Residency:
         self.store = store
         self.config = config
         self.slots: dict[str, ModelSlot] = {}
+        self.transfers = Transfers()
 
     # -- contexts ----------------------------------------------------------------------------
 
@@ -82,7 +94,7 @@ class Residency:
 
     async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> None:
         """Give ``slot`` a context: room for all its agents if the cap allows, else for one."""
-        n_seq = max(1, min(len(slot.agents), MAX_SEQS_PER_CONTEXT))
+        n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
         wanted = sum(sorted((a.n_ctx for a in slot.agents.values()), reverse=True)[:n_seq])
         shapes = [(-(-wanted // n_seq), n_seq), (agent.n_ctx, 1)]
         denial: Denial | None = None
@@ -125,15 +137,13 @@ class Residency:
     async def close_context(self, slot: ModelSlot, job: Job | None = None) -> None:
         """Park every resident agent of ``slot`` (all idle), then free its context."""
         for agent in slot.residents():
-            if not await self.park(agent):
+            if not await self.park(agent, job):
                 raise ParkBudgetExceeded(
                     f"cannot park {agent.id}: the host-RAM budget for parked state "
                     f"({self.store.budget} bytes) is used up ({self.store.used} in use)",
                     budget_bytes=self.store.budget,
                     used_bytes=self.store.used,
                 )
-            if job is not None:
-                job.parked.append(agent.id)
         ctx, slot.context, slot.seqs = slot.context, None, []
         if ctx is not None:
             await self.engine.acall(ctx.free)
@@ -144,8 +154,11 @@ class Residency:
 
     # -- agents ------------------------------------------------------------------------------
 
-    async def park(self, agent: Agent) -> bool:
-        """Move an idle resident agent's KV to host RAM. False if the park budget is spent."""
+    async def park(self, agent: Agent, job: Job | None = None) -> bool:
+        """Move an idle resident agent's KV to host RAM. False if the park budget is spent.
+
+        ``job`` is the job this park makes room for: it is charged the time and told who left.
+        """
         slot, ctx, seq = agent.slot, agent.slot.context, agent.seq
         assert ctx is not None and seq is not None
         agent.move(AgentState.PARKING)
@@ -160,9 +173,16 @@ class Residency:
         slot.seqs[seq] = None
         agent.seq, agent.parked = None, state
         agent.move(AgentState.PARKED)
+        elapsed = time.perf_counter() - t0
+        nbytes = state.nbytes if state else 0
+        self.transfers.parks += 1
+        self.transfers.park_bytes += nbytes
+        self.transfers.park_s += elapsed
+        if job is not None:
+            job.timings.park += elapsed
+            job.parked.append(agent.id)
         log.info("park agent=%s model=%s tokens=%d bytes=%d ms=%.2f", agent.id, slot.key,
-                 state.n_tokens if state else 0, state.nbytes if state else 0,
-                 (time.perf_counter() - t0) * 1000)  # fmt: skip
+                 state.n_tokens if state else 0, nbytes, elapsed * 1000)  # fmt: skip
         return True
 
     async def drop(self, agent: Agent) -> None:
@@ -175,11 +195,10 @@ class Residency:
             self.store.free(agent.parked)
         agent.seq, agent.parked = None, None
 
-    @staticmethod
-    def _outgrown(slot: ModelSlot) -> bool:
+    def _outgrown(self, slot: ModelSlot) -> bool:
         """More agents than sequences, no free sequence, and none of them busy: the context
         can be closed (every resident parked) and reopened larger without stalling anyone."""
-        wanted = min(len(slot.agents), MAX_SEQS_PER_CONTEXT)
+        wanted = min(len(slot.agents), self.config.max_seqs)
         busy = any(a.state not in (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY,
                                    AgentState.QUEUED) for a in slot.agents.values())  # fmt: skip
         return len(slot.seqs) < wanted and slot.free_seq() is None and not busy
@@ -189,8 +208,7 @@ class Residency:
         for victim in slot.idle_residents():
             if slot.free_cells() >= cells:
                 break
-            if await self.park(victim):
-                job.parked.append(victim.id)
+            await self.park(victim, job)
         return slot.free_cells() >= cells
 
     async def make_resident(self, agent: Agent, job: Job) -> bool:
@@ -205,9 +223,8 @@ class Residency:
         seq = slot.free_seq()
         if seq is None:
             victims = slot.idle_residents()
-            if not victims or not await self.park(victims[0]):
+            if not victims or not await self.park(victims[0], job):
                 return False
-            job.parked.append(victims[0].id)
             seq = slot.free_seq()
             assert seq is not None
         need = agent.parked.n_tokens if agent.parked is not None else 0
@@ -225,8 +242,12 @@ class Residency:
                 slot.seqs[seq], agent.seq = None, None
                 agent.move(AgentState.PARKED)
                 raise
-            job.timings.restore += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            job.timings.restore += elapsed
             job.restored = True
+            self.transfers.restores += 1
+            self.transfers.restore_bytes += state.nbytes
+            self.transfers.restore_s += elapsed
             self.store.free(state)
             agent.parked = None
             log.info(
