@@ -40,7 +40,7 @@ def measure_one(path: Path, n_ctx: int, n_seq: int) -> MemoryRow:
     from lmxd.engine.runtime import Engine
 
     backend = Backend.CUDA if Engine.get().gpu_offload else Backend.CPU
-    est = estimate(read_model_info(path), n_ctx, n_seq, backend=backend)
+    est = estimate(read_model_info(path), n_ctx, n_seq, backend=backend, beyond_training=True)
     on_gpu = backend is Backend.CUDA
     before = probe_device().process_used if on_gpu else 0
     during: list[int] = []
@@ -51,9 +51,14 @@ def measure_one(path: Path, n_ctx: int, n_seq: int) -> MemoryRow:
     # The backend overhead is in no llama.cpp report; the NVML delta includes it.
     measured = {**buffers.parts(device_only=on_gpu), "overhead": 0}
     return MemoryRow(
-        path.stem, n_ctx, n_seq, backend.value, predicted, measured,
+        path.stem,
+        n_ctx,
+        n_seq,
+        backend.value,
+        predicted,
+        measured,
         during[0] - before if on_gpu else None,
-    )  # fmt: skip
+    )
 
 
 def run_table(configs: list[tuple[Path, int, int]], out: Path | None) -> list[MemoryRow]:

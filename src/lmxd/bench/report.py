@@ -35,8 +35,9 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, value: float, unit: str, goal: str = "",
-            met: bool | None = None) -> Figure:  # fmt: skip
+    def add(
+        self, name: str, value: float, unit: str, goal: str = "", met: bool | None = None
+    ) -> Figure:
         fig = Figure(name, value, unit, goal, met)
         self.figures.append(fig)
         print(fig.line(), flush=True)
@@ -58,14 +59,19 @@ class Report:
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
         )
         path = out_dir / f"{self.bench}.json"
-        body = {"bench": self.bench, "meta": self.meta,
-                "figures": [f.__dict__ for f in self.figures], "rows": self.rows}  # fmt: skip
+        body = {
+            "bench": self.bench,
+            "meta": self.meta,
+            "figures": [f.__dict__ for f in self.figures],
+            "rows": self.rows,
+        }
         path.write_text(json.dumps(body, indent=1))
         return path
 
 
-def bar_chart(path: Path, title: str, labels: list[str], series: dict[str, list[float]],
-              ylabel: str) -> None:  # fmt: skip
+def bar_chart(
+    path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str
+) -> None:
     """Grouped bars: one group per label, one bar per series."""
     import matplotlib
 
@@ -77,8 +83,12 @@ def bar_chart(path: Path, title: str, labels: list[str], series: dict[str, list[
     for i, (name, values) in enumerate(series.items()):
         xs = [x + i * width for x in range(len(labels))]
         ax.bar(xs, values, width, label=name)
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels,
-                  rotation=20, ha="right")  # fmt: skip
+    ax.set_xticks(
+        [x + width * (len(series) - 1) / 2 for x in range(len(labels))],
+        labels,
+        rotation=20,
+        ha="right",
+    )
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

@@ -133,11 +133,21 @@ def bench() -> None:
 @click.option("--n-ctx", "n_ctxs", multiple=True, type=int, help="Per-sequence n_ctx (repeatable).")
 @click.option("--n-seq", "n_seqs", multiple=True, type=int, default=[1], show_default=True)
 @click.option("--train-ctx", is_flag=True, help="Also measure at each model's training context.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write JSON here.")
+@click.option(
+    "--beyond-training",
+    is_flag=True,
+    help="Measure n_ctx above a model's training context too (as the article did).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write memory.json here (a directory).",
+)
 @models_dir_option
 def bench_memory(
     names: tuple[str, ...], n_ctxs: tuple[int, ...], n_seqs: tuple[int, ...], train_ctx: bool,
-    out: Path | None, models_dir: Path | None,
+    beyond_training: bool, out: Path | None, models_dir: Path | None,
 ) -> None:  # fmt: skip
     """Predicted vs measured bytes, as a markdown table (goal: within 5%, never under)."""
     from lmxd.bench.memory import markdown, run_table
@@ -147,11 +157,13 @@ def bench_memory(
     for name in names or tuple(catalog.CATALOG):
         path = catalog.resolve_model(name, directory)
         n_ctx_train = read_model_info(path).n_ctx_train
-        ctxs = [n for n in n_ctxs or (512, 4096) if n <= n_ctx_train]
+        ctxs = [n for n in n_ctxs or (512, 4096) if beyond_training or n <= n_ctx_train]
         if train_ctx:
             ctxs.append(n_ctx_train)
         configs += [(path, n, s) for n in dict.fromkeys(ctxs) for s in n_seqs]
-    rows = run_table(configs, out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = run_table(configs, out / "memory.json" if out is not None else None)
     console.print(markdown(rows), markup=False, soft_wrap=True)
     worst = max(rows, key=lambda r: abs(r.ratio - 1))
     under = [r for r in rows if r.ratio < 1]
@@ -160,3 +172,33 @@ def bench_memory(
         f"\nworst prediction/measured: {worst.ratio:.3f} ({worst.model} n_ctx={worst.n_ctx}); "
         f"goal: within 5% and never under: {verdict}"
     )
+
+
+def _bench_command(name: str, doc: str) -> None:
+    """`lmxd bench NAME`: runs lmxd.bench.NAME.run(models_dir, out)."""
+
+    @bench.command(name=name, help=doc)
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("bench-out"),
+        show_default=True,
+        help="Directory for the JSON and PNG.",
+    )
+    @models_dir_option
+    def command(out: Path, models_dir: Path | None) -> None:
+        import importlib
+
+        module = importlib.import_module(f"lmxd.bench.{name}")
+        out.mkdir(parents=True, exist_ok=True)
+        module.run(catalog.models_dir(models_dir), out)
+        console.print(f"wrote {out}/{name}.json and {out}/{name}.png")
+
+
+for _name, _doc in (
+    ("article", "The article's experiment: lmxd under an 8 GiB budget vs one process per agent."),
+    ("parking", "Park and restore throughput, raw and through the daemon; restore vs prefill."),
+    ("throughput", "Aggregate decode tokens/s through the daemon against raw llama.cpp."),
+    ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
+):
+    _bench_command(_name, _doc)

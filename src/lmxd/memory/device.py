@@ -27,13 +27,16 @@ class DeviceInfo:
     process_used: int  # bytes this process holds there (NVML per-process, or RSS)
 
 
-def probe_device(index: int = 0) -> DeviceInfo:
-    """GPU ``index`` through NVML when there is one, else the host's memory."""
-    gpu = _probe_nvml(index)
+def probe_device(index: int = 0, pid: int | None = None) -> DeviceInfo:
+    """GPU ``index`` through NVML when there is one, else the host's memory.
+
+    ``process_used`` is process ``pid``'s (default: this process).
+    """
+    gpu = _probe_nvml(index, pid or os.getpid())
     return gpu if gpu is not None else _probe_host()
 
 
-def _probe_nvml(index: int) -> DeviceInfo | None:
+def _probe_nvml(index: int, pid: int) -> DeviceInfo | None:
     try:
         import pynvml
     except ImportError:
@@ -48,7 +51,6 @@ def _probe_nvml(index: int) -> DeviceInfo | None:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
         name = pynvml.nvmlDeviceGetName(handle)
-        pid = os.getpid()
         used = sum(
             p.usedGpuMemory or 0
             for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)

@@ -147,11 +147,13 @@ def estimate(
     type_k: str = "f16",
     type_v: str = "f16",
     beyond_training: bool = False,
+    swa_full: bool = False,
 ) -> MemoryEstimate:
     """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each over one KV pool.
 
     ``beyond_training`` sizes contexts longer than the model was trained for, as the
     article's naive set-up did (n_ctx 172,032 for every model); lmxd itself refuses them.
+    ``swa_full`` gives sliding-window layers a full cache, llama.cpp's default outside lmxd.
     """
     check_n_ctx(info, n_ctx, beyond_training)
     if n_seq < 1:
@@ -162,7 +164,7 @@ def estimate(
     cells = _pad(n_ctx * n_seq, KV_PAD)
     # Sliding-window layers keep the window of every sequence plus one ubatch
     # (llama-kv-cache-iswa.cpp, unified pool, swa_full off).
-    swa_cells = _pad(min(cells, info.n_swa * n_seq + n_ubatch), KV_PAD)
+    swa_cells = cells if swa_full else _pad(min(cells, info.n_swa * n_seq + n_ubatch), KV_PAD)
     full_per_token = swa_per_token = 0
     for il in range(info.n_layer):
         k = _type_bytes(type_k, info.n_head_kv[il] * info.head_dim_k)

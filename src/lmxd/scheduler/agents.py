@@ -6,7 +6,8 @@
                   ▲               ▲  └─(KV parked)─▶ RESTORING ─▶ ACTIVE    │
                   │               └──────────── PARKED ◀── PARKING ◀──(idle, room needed)
                   └── RESET from EMPTY / RESIDENT / PARKED
-    UNREGISTER from any state frees everything the agent holds.
+    A QUEUED agent whose KV is resident may be parked too (its context is being reopened
+    larger); it stays QUEUED. UNREGISTER from any state frees everything the agent holds.
 
 Where the agent's KV is follows from its fields: a sequence id while resident, a
 :class:`ParkedState` while parked, neither while empty.
@@ -50,10 +51,16 @@ _TRANSITIONS: dict[AgentState, set[AgentState]] = {
         AgentState.EMPTY,
         AgentState.RESIDENT,
         AgentState.PARKED,
+        AgentState.PARKING,
     },
     AgentState.RESTORING: {AgentState.ACTIVE, AgentState.PARKED, AgentState.EMPTY},
     AgentState.ACTIVE: {AgentState.RESIDENT, AgentState.EMPTY},
-    AgentState.PARKING: {AgentState.PARKED, AgentState.RESIDENT, AgentState.EMPTY},
+    AgentState.PARKING: {
+        AgentState.PARKED,
+        AgentState.RESIDENT,
+        AgentState.EMPTY,
+        AgentState.QUEUED,
+    },
 }
 
 

@@ -40,7 +40,7 @@ from lmxd.modelfile import read_model_info
 from lmxd.scheduler.agents import Agent, AgentState, Job, JobResult
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
-from lmxd.scheduler.steps import plan_step, prepare, run_step
+from lmxd.scheduler.steps import plan_step, prepare, run_steps
 
 log = logging.getLogger("lmxd.scheduler")
 
@@ -50,7 +50,7 @@ class SchedulerConfig:
     models_dir: Path
     allowed_dirs: tuple[Path, ...]  # model files outside these are refused
     max_queue: int = 64  # jobs waiting or running, all agents together
-    slice_steps: int = 8  # steps one model runs before the next model's turn
+    slice_steps: int = 16  # steps one model runs (in one engine call) before the next's turn
     keep_alive_s: float = 300.0  # unload a model this long after its last agent goes
     park_after_decode: bool = False  # testing: park every agent as soon as its job ends
 
@@ -200,18 +200,17 @@ class Scheduler:
         return busy[self._turn % len(busy)]
 
     async def _run_slice(self, slot: ModelSlot) -> None:
-        for _ in range(self.config.slice_steps):
-            await self._admit(slot)
-            active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
-            for agent in [a for a in active if a.jobs[0].cancelled]:
-                if agent.jobs[0].generation is not None:
-                    await self.engine.acall(agent.jobs[0].generation.cancel)
-                self._finish(agent, agent.jobs[0], StopReason.CANCELLED)
-                active.remove(agent)
-            if not active:
-                return
+        """One turn of ``slot``: admit its queued jobs, then up to slice_steps steps."""
+        await self._admit(slot)
+        active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
+        for agent in [a for a in active if a.jobs[0].cancelled]:
+            if agent.jobs[0].generation is not None:
+                await self.engine.acall(agent.jobs[0].generation.cancel)
+            self._finish(agent, agent.jobs[0], StopReason.CANCELLED)
+            active.remove(agent)
+        if active:
             await self._step(slot, active)
-            self._send_replies()
+        self._send_replies()
 
     async def _admit(self, slot: ModelSlot) -> None:
         """Start the queued jobs of ``slot`` whose agents can be made resident now."""
@@ -244,24 +243,20 @@ class Scheduler:
                         f"model {slot.key}'s KV pool is full of decoding agents; try again",
                         model=slot.key, pool_cells=slot.pool_cells))  # fmt: skip
                 return
-        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+
+        def emit(job: Job, text: str) -> None:  # on the engine thread
+            if job.events is not None:
+                loop.call_soon_threadsafe(job.events.put_nowait, text)
+
         try:
-            pieces = await self.engine.acall(run_step, slot, plan)
+            await self.engine.acall(run_steps, slot, plan, self.config.slice_steps, emit)
         except LmxdError as exc:
             for agent, _ in plan.entries:
                 self._fail(agent, agent.jobs[0], exc)
             return
-        elapsed = time.perf_counter() - t0
         for agent, _ in plan.entries:
-            timings = agent.jobs[0].timings
-            if agent in plan.prefilling:
-                timings.prefill += elapsed
-            else:
-                timings.decode += elapsed
-        for agent, text in pieces:
             job = agent.jobs[0]
-            if text and job.events is not None:
-                job.events.put_nowait(text)
             if job.generation is not None and job.generation.done:
                 self._finish(agent, job, job.generation.stop_reason)
         slot.last_used = time.monotonic()

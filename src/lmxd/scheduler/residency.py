@@ -161,6 +161,7 @@ class Residency:
         """
         slot, ctx, seq = agent.slot, agent.slot.context, agent.seq
         assert ctx is not None and seq is not None
+        before = agent.state  # RESIDENT, or QUEUED when its context is being reopened
         agent.move(AgentState.PARKING)
         t0 = time.perf_counter()
         if ctx.seq_len[seq] == 0:
@@ -168,11 +169,11 @@ class Residency:
         else:
             state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
             if state is None:
-                agent.move(AgentState.RESIDENT)
+                agent.move(before)
                 return False
         slot.seqs[seq] = None
         agent.seq, agent.parked = None, state
-        agent.move(AgentState.PARKED)
+        agent.move(AgentState.QUEUED if before is AgentState.QUEUED else AgentState.PARKED)
         elapsed = time.perf_counter() - t0
         nbytes = state.nbytes if state else 0
         self.transfers.parks += 1

@@ -6,6 +6,8 @@ plain bookkeeping on the scheduler's side.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmxd.engine.context import SeqBatch
@@ -20,12 +22,13 @@ from lmxd.scheduler.slots import ModelSlot
 class Plan:
     """One step's batch: per agent, the tokens it decodes now."""
 
+    budget: int  # tokens one step may carry (n_batch)
     entries: list[tuple[Agent, list[int]]] = field(default_factory=list)
     prefilling: set[Agent] = field(default_factory=set)  # agents still in their prompt
 
     def fitted(self, cells: int) -> Plan:
         """The same step trimmed to ``cells`` free KV cells (prompt chunks shrink first)."""
-        out = Plan(prefilling=self.prefilling)
+        out = Plan(self.budget, prefilling=self.prefilling)
         for agent, tokens in sorted(self.entries, key=lambda e: e[0] in self.prefilling):
             take = tokens[: max(0, cells)]
             if take:
@@ -36,7 +39,7 @@ class Plan:
 
 def plan_step(active: list[Agent], n_batch: int) -> Plan:
     """Generating agents bring their last token; prompts fill the rest of the batch."""
-    plan = Plan()
+    plan = Plan(n_batch)
     budget = n_batch
     for agent in sorted(active, key=lambda a: a.jobs[0].generation is None):
         job = agent.jobs[0]
@@ -117,3 +120,38 @@ def run_step(slot: ModelSlot, plan: Plan) -> list[tuple[Agent, str]]:
             agent.tokens.append(token)
         pieces.append((agent, text))
     return pieces
+
+
+def run_steps(
+    slot: ModelSlot, plan: Plan, max_steps: int, emit: Callable[[Job, str], None]
+) -> None:
+    """Engine thread: up to ``max_steps`` steps for the same agents, without a round trip to
+    the event loop between them (each costs about as much as a small model's step).
+
+    Stops early when a job ends or is cancelled (the scheduler then admits and finishes), or
+    when the next step would need KV cells that only parking can free. Text goes out through
+    ``emit`` as it is sampled.
+    """
+    agents = [agent for agent, _ in plan.entries]
+    for step in range(max_steps):
+        if step:
+            plan = plan_step(agents, plan.budget)
+            if slot.free_cells() < sum(len(t) for _, t in plan.entries):
+                return
+        t0 = time.perf_counter()
+        pieces = run_step(slot, plan)
+        elapsed = time.perf_counter() - t0
+        for agent, _ in plan.entries:
+            timings = agent.jobs[0].timings
+            if agent in plan.prefilling:
+                timings.prefill += elapsed
+            else:
+                timings.decode += elapsed
+        ended = False
+        for agent, text in pieces:
+            job = agent.jobs[0]
+            if text:
+                emit(job, text)
+            ended = ended or (job.generation is not None and job.generation.done)
+        if ended or any(agent.jobs[0].cancelled for agent in agents):
+            return

@@ -1,0 +1,102 @@
+"""On a real GPU (skipped elsewhere): greedy output identical with forced parks, the cap never
+crossed, every ledger byte released. Needs the synthetic shapes in the models directory
+(`lmxd synth qwen2-0.5b`, `lmxd synth llama3.2-1b`): real model files cannot travel there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from daemon_harness import Daemon, Wire
+
+from lmxd import catalog
+from lmxd.bench.gpu import PeakSampler
+from lmxd.memory.device import probe_device
+
+MODELS = ("synth-qwen2-0.5b", "synth-llama3.2-1b")
+
+
+def _gpu_ready() -> bool:
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload() or probe_device().kind != "cuda":
+        return False
+    return all((catalog.models_dir() / f"{m}.gguf").is_file() for m in MODELS)
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _gpu_ready(), reason="needs a GPU, a CUDA build and synth models"),
+]
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    d = Daemon()
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+def _turns(w: Wire, agents: list[str]) -> list[str]:
+    texts = []
+    for turn in range(3):
+        for agent in agents:
+            r = w.ok("DECODE", agent=agent, prompt=f" turn {turn} of {agent}:", max_tokens=24)
+            texts.append(r["text"])
+    return texts
+
+
+def test_greedy_identical_with_forced_parks_on_the_gpu() -> None:
+    runs = []
+    for args in ([], ["--park-after-decode"]):
+        d = Daemon(*args)
+        try:
+            w = d.wire()
+            for i, model in enumerate(MODELS * 2):
+                w.ok("REGISTER", agent=f"a{i}", model=model, n_ctx=2048)
+            runs.append(_turns(w, [f"a{i}" for i in range(4)]))
+            assert w.ok("STATUS")["transfers"]["restores"] > (0 if args else -1)
+        finally:
+            assert d.stop() == 0, d.log()
+    assert runs[0] == runs[1]
+
+
+def test_the_cap_is_never_crossed() -> None:
+    d = Daemon("--vram-limit", "2GiB")
+    try:
+        w = d.wire()
+        with PeakSampler(d.pid) as sampler:
+            for i, model in enumerate(MODELS * 2):
+                w.ok("REGISTER", agent=f"a{i}", model=model, n_ctx=8192)
+            ids = [w.send("DECODE", agent=f"a{i}", prompt=" hello" * 500, max_tokens=64)
+                   for i in range(4)]  # fmt: skip
+            replies = [w.recv() for _ in ids]
+            cap = w.ok("STATUS")["ledger"]["cap"]
+        assert all(r["ok"] for r in replies), replies
+        assert sampler.available and sampler.samples > 10
+        assert 0 < sampler.peak < cap, (sampler.peak, cap)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_unregister_releases_every_ledger_byte_and_the_card_follows(daemon: Daemon) -> None:
+    w = daemon.wire()
+    baseline = w.ok("STATUS")
+    for i, model in enumerate(MODELS):
+        w.ok("REGISTER", agent=f"a{i}", model=model, n_ctx=4096)
+        w.ok("DECODE", agent=f"a{i}", prompt=" hello" * 100, max_tokens=8)
+    loaded = w.ok("STATUS")
+    assert loaded["ledger"]["reserved"] > baseline["ledger"]["reserved"]
+    for i in range(len(MODELS)):
+        w.ok("UNREGISTER", agent=f"a{i}")
+    time.sleep(1)  # let the driver settle after the frees
+    after = w.ok("STATUS")
+    assert after["ledger"]["reserved"] == baseline["ledger"]["reserved"]  # only the backend
+    assert set(after["ledger"]["by_owner"]) == {"backend"}
+    used_loaded = loaded["device"]["process_used"]
+    used_after = after["device"]["process_used"]
+    # the weights and contexts are gone from the card, not only from the ledger
+    assert (
+        used_after < used_loaded - (loaded["ledger"]["reserved"] - after["ledger"]["reserved"]) // 2
+    )
