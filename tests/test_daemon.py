@@ -360,3 +360,25 @@ def test_many_clients_at_once(daemon: Daemon) -> None:
         t.join()
     assert not errors, errors
     assert json.dumps(w.ok("LIST"))  # still answering
+
+
+def test_two_models_that_cannot_be_resident_together_take_turns() -> None:
+    # weights 327 MiB + SmolLM2's context (~61 MiB) fit under a 410 MiB cap; Gemma's (~43 MiB)
+    # does not fit beside them: the daemon parks one model's agent for the other's DECODE.
+    d = Daemon("--vram-limit", "456MiB")
+    try:
+        w = d.wire()
+        w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=2048)
+        w.ok("REGISTER", agent="b", model="gemma3-270m", n_ctx=2048)
+        for _ in range(2):
+            ids = {w.send("DECODE", agent=a, prompt=" Once upon a time", max_tokens=24): a
+                   for a in ("a", "b")}  # fmt: skip
+            replies = {ids[f["id"]]: f for f in (w.recv(), w.recv())}
+            assert all(r["ok"] and r["generated_tokens"] > 0 for r in replies.values()), replies
+        status = w.ok("STATUS")
+        assert status["transfers"]["parks"] >= 2 and status["transfers"]["restores"] >= 1
+        assert status["ledger"]["reserved"] <= status["ledger"]["cap"]
+        owners = status["ledger"]["by_owner"]
+        assert not ("context:smollm2-135m" in owners and "context:gemma3-270m" in owners)
+    finally:
+        assert d.stop() == 0, d.log()

@@ -62,17 +62,21 @@ def models(models_dir: Path | None) -> None:
 @main.command()
 @click.argument("shape")
 @click.option("--quant", default="Q4_K_M", show_default=True)
+@click.option(
+    "--tokenizer",
+    default="smollm2-135m",
+    show_default=True,
+    help="A GGUF whose tokenizer to borrow (any synthetic model carries one).",
+)
 @models_dir_option
-def synth(shape: str, quant: str, models_dir: Path | None) -> None:
+def synth(shape: str, quant: str, tokenizer: str, models_dir: Path | None) -> None:
     """Write a random-weight GGUF with the exact shapes of SHAPE (e.g. tiny, llama3.2-1b)."""
     from lmxd import synth as synthesis
 
     directory = catalog.models_dir(models_dir)
-    if shape not in synthesis.SHAPES:
-        raise click.BadParameter(f"unknown shape {shape!r}; known: {', '.join(synthesis.SHAPES)}")
-    tokenizer = catalog.resolve_model("smollm2-135m", directory)
+    source = catalog.resolve_model(tokenizer, directory)
     dest = directory / f"synth-{shape}.gguf"
-    synthesis.synthesize(synthesis.SHAPES[shape], dest, tokenizer, quant, log=console.print)
+    synthesis.synthesize(synthesis.shape_named(shape), dest, source, quant, log=console.print)
     console.print(f"wrote {dest} ({format_bytes(dest.stat().st_size)})")
 
 

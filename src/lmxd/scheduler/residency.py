@@ -92,8 +92,12 @@ class Residency:
                  if s is not exclude and s.context is not None and s.all_idle]  # fmt: skip
         return sorted(slots, key=lambda s: s.last_used)
 
-    async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> None:
-        """Give ``slot`` a context: room for all its agents if the cap allows, else for one."""
+    async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> bool:
+        """Give ``slot`` a context: room for all its agents if the cap allows, else for one.
+
+        False when the room is held by other models' busy contexts: the job waits its turn.
+        Raises the ledger's denial when nothing will ever make room.
+        """
         n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
         wanted = sum(sorted((a.n_ctx for a in slot.agents.values()), reverse=True)[:n_seq])
         shapes = [(-(-wanted // n_seq), n_seq), (agent.n_ctx, 1)]
@@ -104,13 +108,15 @@ class Residency:
                 got = self.ledger.try_reserve(request)
                 if not isinstance(got, Denial):
                     await self._create_context(slot, n_ctx, seqs, got[0])
-                    return
+                    return True
                 denial = got
                 victims = self.evictable(exclude=slot)
                 if not victims:
                     break
                 await self.close_context(victims[0], job)
         assert denial is not None
+        if any(s.context is not None for s in self.slots.values() if s is not slot):
+            return False  # busy contexts will go idle, and then be closed for this one
         raise denial.error()
 
     async def _create_context(
@@ -219,8 +225,8 @@ class Residency:
             return True
         if slot.context is not None and self._outgrown(slot):
             await self.close_context(slot, job)  # reopened below, with room for every agent
-        if slot.context is None:
-            await self.open_context(slot, agent, job)
+        if slot.context is None and not await self.open_context(slot, agent, job):
+            return False
         seq = slot.free_seq()
         if seq is None:
             victims = slot.idle_residents()
