@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmxd.engine.runtime import Engine
 from lmxd.errors import DaemonRunning
-from lmxd.kvstore import KvStore, PinnedMemory
+from lmxd.kvstore import KvStore
 from lmxd.memory.device import ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.ledger import Denial, Ledger, Request
@@ -65,9 +65,11 @@ def claim_socket(path: Path) -> None:
 
 async def run(config: DaemonConfig) -> None:
     claim_socket(config.socket)
+    # llama.cpp's backends first: on the H200 machine, a process that touched NVML before
+    # llama.cpp set up CUDA died in its first model load (seen 2026-11-29).
+    engine = Engine.get()
     device = probe_device()
     cap = ledger_cap(device, config.vram_cap_percent, config.vram_limit)
-    engine = Engine.get()
     backend = Backend.CUDA if engine.gpu_offload and device.kind == "cuda" else Backend.CPU
     ledger = Ledger(cap)
     if backend is Backend.CUDA:
@@ -76,7 +78,7 @@ async def run(config: DaemonConfig) -> None:
         if isinstance(got, Denial):
             raise got.error()
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
-    store = KvStore(config.park_budget, PinnedMemory.load() if backend is Backend.CUDA else None)
+    store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
     room = Residency(engine, ledger, store, ResidencyConfig(
         backend, n_threads=config.n_threads, max_seqs=config.max_seqs))  # fmt: skip
     scheduler = Scheduler(engine, room, SchedulerConfig(

@@ -85,9 +85,12 @@ class KvStore:
     ``budget`` bounds all the host memory the store holds, in use or kept for reuse.
     """
 
-    def __init__(self, budget: int, pinned: PinnedMemory | None = None) -> None:
+    def __init__(self, budget: int, pinned: bool = False) -> None:
         self.budget = budget
-        self.pinned = pinned
+        # libcudart is loaded at the first park, on the engine thread, once llama.cpp has set
+        # up CUDA: loading it into the process before the first model load crashed that load.
+        self._want_pinned = pinned
+        self.pinned: PinnedMemory | None = None
         self._lock = threading.Lock()
         self._in_use = 0  # bytes of buffers holding parked state
         self._idle: dict[int, list[HostBuffer]] = {}  # size class -> buffers kept for reuse
@@ -128,6 +131,9 @@ class KvStore:
         state.buffer = bytearray()
 
     def _new(self, size: int) -> HostBuffer | None:
+        if self._want_pinned and self.pinned is None:
+            self._want_pinned = False
+            self.pinned = PinnedMemory.load()
         if self.pinned is not None:
             buffer = self.pinned.allocate(size)
             if buffer is not None:

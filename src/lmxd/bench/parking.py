@@ -25,7 +25,7 @@ from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.generate import prefill
 from lmxd.engine.model import ModelRegistry
 from lmxd.engine.runtime import Engine
-from lmxd.kvstore import KvStore, PinnedMemory
+from lmxd.kvstore import KvStore
 from lmxd.spawn import DaemonProcess
 
 MODEL = "synth-llama3.2-1b"
@@ -36,7 +36,6 @@ GB = 1e9
 
 def _raw(path: Path) -> list[dict[str, Any]]:
     engine = Engine.get()
-    pinned = PinnedMemory.load()
 
     def measure() -> list[dict[str, Any]]:
         registry = ModelRegistry(engine)
@@ -53,10 +52,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                 size = ctx.seq_state_size(0)
                 for kind, store in (
                     ("ordinary", KvStore(4 * size)),
-                    ("page-locked", KvStore(4 * size, pinned)),
+                    ("page-locked", KvStore(4 * size, pinned=True)),
                 ):
-                    if kind == "page-locked" and pinned is None:
-                        continue
                     buf = store.allocate(size)
                     assert buf is not None
                     ctx.save_seq(0, buf)  # warm-up: first touch of the pages
