@@ -6,7 +6,7 @@ The public names are re-exported here; the modules behind them are internal.
 # llama.cpp's shared libraries are loaded before anything else of lmxd's: on the H200 machine,
 # a process that imported gguf (and what it imports) first died in its first CUDA model load
 # (seen 2026-11-29, llama-cpp-python 0.3.36). The order is fixed here, once, for every entry.
-import llama_cpp  # noqa: F401, I001
+import llama_cpp  # noqa: F401
 
 from lmxd.client import AsyncClient, Client, DecodeResult
 from lmxd.errors import (
