@@ -382,3 +382,67 @@ def test_two_models_that_cannot_be_resident_together_take_turns() -> None:
         assert not ("context:smollm2-135m" in owners and "context:gemma3-270m" in owners)
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_small_pools_never_get_a_batch_larger_than_llama_cpp_takes() -> None:
+    # two agents of n_ctx 64 make a 128-cell request; a later agent with a long prompt must be
+    # cut into batches llama.cpp accepts (a larger one aborts the whole process)
+    d = Daemon()
+    try:
+        w = d.wire()
+        for agent, n_ctx in (("p", 64), ("q", 64)):
+            w.ok("REGISTER", agent=agent, model="smollm2-135m", n_ctx=n_ctx)
+        w.ok("DECODE", agent="p", prompt="Hi", max_tokens=2)
+        w.ok("REGISTER", agent="r", model="smollm2-135m", n_ctx=2048)
+        reply = w.call("DECODE", agent="r", prompt="word " * 150, max_tokens=2)
+        assert reply.get("ok") or reply["error"]["code"] in ("BUSY", "PARK_BUDGET_EXCEEDED")
+        assert w.ok("HELLO")  # alive
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_a_refused_prompt_after_a_restore_leaves_the_agent_usable() -> None:
+    d = Daemon("--park-after-decode")
+    try:
+        w = d.wire()
+        w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=64)
+        w.ok("DECODE", agent="a", prompt="Hello", max_tokens=2)
+        too_long = w.call("DECODE", agent="a", prompt="word " * 100, max_tokens=2)
+        assert too_long["error"]["code"] == "PROMPT_TOO_LONG"
+        assert w.ok("LIST")["agents"][0]["state"] in ("resident", "parked")
+        assert w.ok("DECODE", agent="a", prompt=" again", max_tokens=2)["ok"]
+        empty = w.call("DECODE", agent="a", prompt="", max_tokens=2)
+        assert empty["ok"]  # an empty prompt continues the conversation
+        w.ok("RESET", agent="a")
+        nothing = w.call("DECODE", agent="a", prompt="", max_tokens=2)
+        assert nothing["error"]["code"] == "INVALID_INPUT"
+        assert w.ok("DECODE", agent="a", prompt="Hi", max_tokens=2)["ok"]
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_one_sequence_two_agents_both_served() -> None:
+    d = Daemon("--max-seqs", "1")
+    try:
+        w = d.wire()
+        for agent in ("x", "y"):
+            w.ok("REGISTER", agent=agent, model="smollm2-135m", n_ctx=512)
+        w.ok("DECODE", agent="x", prompt="One", max_tokens=2)  # x holds the only sequence
+        ids = [w.send("DECODE", agent=a, prompt=" two", max_tokens=4) for a in ("y", "x")]
+        replies = {f["id"]: f for f in (w.recv(), w.recv())}
+        assert all(replies[i]["ok"] for i in ids), replies
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_unregister_ends_a_stream_in_flight(daemon: Daemon) -> None:
+    w = daemon.wire()
+    w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=2048)
+    streamer = daemon.wire()
+    story = [{"role": "user", "content": "Tell me a long story about a dragon."}]
+    rid = streamer.send("DECODE", agent="a", messages=story, max_tokens=400, stream=True)
+    assert streamer.recv()["event"] == "token"
+    w.ok("UNREGISTER", agent="a")
+    while (frame := streamer.recv()).get("event") == "token":
+        pass
+    assert frame["id"] == rid and frame["error"]["code"] == "CANCELLED"

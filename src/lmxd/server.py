@@ -139,13 +139,16 @@ class Connection:
         if type(req) in simple:
             await self.send(protocol.ok(req.id, **simple[type(req)]()))
         elif isinstance(req, protocol.Register):
-            await self.send(protocol.ok(req.id, **await svc.register(req)))
+            # Shielded: a client that leaves mid-REGISTER must not cut a model load in half.
+            await self.send(protocol.ok(req.id, **await asyncio.shield(svc.register(req))))
         elif isinstance(req, protocol.Decode):
             await self._decode(req)
         elif isinstance(req, protocol.Reset):
-            await self.send(protocol.ok(req.id, **await svc.scheduler.reset(req.agent)))
+            reply = await asyncio.shield(svc.scheduler.reset(req.agent))
+            await self.send(protocol.ok(req.id, **reply))
         elif isinstance(req, protocol.Unregister):
-            await self.send(protocol.ok(req.id, **await svc.scheduler.unregister(req.agent)))
+            reply = await asyncio.shield(svc.scheduler.unregister(req.agent))
+            await self.send(protocol.ok(req.id, **reply))
         elif isinstance(req, protocol.Cancel):
             job = self._jobs.get(req.target)
             if job is not None:

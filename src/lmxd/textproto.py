@@ -60,7 +60,7 @@ async def _command(conn: Connection, line: str) -> list[str]:
         return [f"OK registered agent={agent} model={reply['model']}"]
     if verb == "DECODE":
         parts = rest.split(" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) <= 0:
+        if len(parts) < 2 or not parts[1].isascii() or not parts[1].isdigit() or int(parts[1]) <= 0:
             raise ProtocolError("usage: DECODE <agent_id> <n_tokens> <prompt text>")
         agent, n_tokens = parts[0], int(parts[1])
         prompt = parts[2] if len(parts) > 2 else ""

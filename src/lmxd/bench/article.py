@@ -19,7 +19,7 @@ from typing import Any
 
 from lmxd import catalog
 from lmxd.bench.gpu import PeakSampler
-from lmxd.bench.report import Report, bar_chart
+from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.spawn import DaemonProcess
 from lmxd.units import GiB, MiB, parse_bytes
@@ -141,8 +141,7 @@ def run(models_dir: Path, out: Path, limit: str = "8GiB") -> Report:
         "naive total",
     ]
     naive = [r.get("nvml_bytes", 0) / MiB for r in report.rows if r["side"] == "naive"]
-    bar_chart(
-        out / "article.png",
+    report.chart(
         "Device memory: lmxd vs one process per agent (MiB)",
         labels,
         {"MiB": [sampler.peak / MiB, *naive, total / MiB]},

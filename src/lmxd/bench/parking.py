@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmxd import catalog
-from lmxd.bench.report import Report, bar_chart
+from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.generate import prefill
@@ -187,8 +187,7 @@ def run(models_dir: Path, out: Path) -> Report:
         "the other agent's park + restore copies", stall["park_ms"] + stall["restore_ms"], "ms"
     )
     raw = [r for r in report.rows if r["part"] == "raw"]
-    bar_chart(
-        out / "parking.png",
+    report.chart(
         "Sequence state copies (GB/s)",
         [f"{r['tokens']} {r['memory']}" for r in raw] + [f"daemon {c['tokens']}" for c in cycles],
         {

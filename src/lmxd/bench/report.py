@@ -34,6 +34,13 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    charts: list[dict[str, Any]] = field(default_factory=list)
+
+    def chart(self, title: str, labels: list[str], series: dict[str, list[float]],
+              ylabel: str) -> None:  # fmt: skip
+        """A grouped bar chart, drawn later by `lmxd bench charts` (see :func:`render`)."""
+        self.charts.append({"title": title, "labels": labels, "series": series,
+                            "ylabel": ylabel})  # fmt: skip
 
     def add(
         self, name: str, value: float, unit: str, goal: str = "", met: bool | None = None
@@ -62,6 +69,7 @@ class Report:
         body = {
             "bench": self.bench,
             "meta": self.meta,
+            "charts": self.charts,
             "figures": [f.__dict__ for f in self.figures],
             "rows": self.rows,
         }
@@ -69,29 +77,35 @@ class Report:
         return path
 
 
-def bar_chart(
-    path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str
-) -> None:
-    """Grouped bars: one group per label, one bar per series."""
+def render(json_path: Path) -> list[Path]:
+    """Draw a saved report's charts as PNGs beside it.
+
+    Charts are drawn in a process of their own, after the run: on the H200 machine, drawing
+    with matplotlib in a process that had CUDA llama.cpp loaded crashed it (2026-11-29).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) * len(series)), 4.0))
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series.items()):
-        xs = [x + i * width for x in range(len(labels))]
-        ax.bar(xs, values, width, label=name)
-    ax.set_xticks(
-        [x + width * (len(series) - 1) / 2 for x in range(len(labels))],
-        labels,
-        rotation=20,
-        ha="right",
-    )
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    body = json.loads(json_path.read_text())
+    if not isinstance(body, dict):
+        return []  # not a report (memory.json is a table of rows)
+    paths = []
+    for i, spec in enumerate(body.get("charts", [])):
+        labels, series = spec["labels"], spec["series"]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * len(series)), 4.0))
+        width = 0.8 / max(1, len(series))
+        for k, (name, values) in enumerate(series.items()):
+            ax.bar([x + k * width for x in range(len(labels))], values, width, label=name)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels,
+                      rotation=20, ha="right")  # fmt: skip
+        ax.set_ylabel(spec["ylabel"])
+        ax.set_title(spec["title"])
+        ax.legend()
+        fig.tight_layout()
+        path = json_path.with_name(f"{body['bench']}{'' if i == 0 else i + 1}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from lmxd.bench.report import Report, bar_chart
+from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.spawn import DaemonProcess
 
@@ -64,8 +64,7 @@ def run(models_dir: Path, out: Path) -> Report:
         values = [r[part] for r in rows]
         report.add(f"{part} p50", _pct(values, 50), "ms")
         report.add(f"{part} p99", _pct(values, 99), "ms")
-    bar_chart(
-        out / "switch.png",
+    report.chart(
         "Switching to a parked agent (ms)",
         list(parts),
         {

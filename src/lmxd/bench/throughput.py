@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmxd import catalog
-from lmxd.bench.report import Report, bar_chart
+from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.generate import Generation, prefill
@@ -127,8 +127,7 @@ def run(models_dir: Path, out: Path) -> Report:
         min(rates) >= 0.5 * mean,
     )
     report.meta["raw"] = {"1": raw1, "8": raw8}
-    bar_chart(
-        out / "throughput.png",
+    report.chart(
         f"Decode throughput, {MODEL} (tok/s)",
         ["1", "4", "8", "16"],
         {"daemon": [daemon_rates[n] for n in (1, 4, 8, 16)], "raw": [raw1, 0.0, raw8, 0.0]},

@@ -196,7 +196,7 @@ def _bench_command(name: str, doc: str) -> None:
         module = importlib.import_module(f"lmxd.bench.{name}")
         out.mkdir(parents=True, exist_ok=True)
         module.run(catalog.models_dir(models_dir), out)
-        console.print(f"wrote {out}/{name}.json and {out}/{name}.png")
+        console.print(f"wrote {out}/{name}.json (`lmxd bench charts {out}` draws its chart)")
 
 
 for _name, _doc in (
@@ -206,3 +206,14 @@ for _name, _doc in (
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
 ):
     _bench_command(_name, _doc)
+
+
+@bench.command(name="charts")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def bench_charts(directory: Path) -> None:
+    """Draw the charts of every saved benchmark JSON in DIRECTORY as PNGs beside it."""
+    from lmxd.bench.report import render
+
+    for json_path in sorted(directory.glob("*.json")):
+        for png in render(json_path):
+            console.print(f"drew {png}")

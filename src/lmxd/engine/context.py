@@ -86,10 +86,13 @@ class Context:
             )
         self.ptr = ptr
         self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
+        # llama.cpp caps n_batch at the n_ctx it was asked for (before padding it to 256) and
+        # aborts the process on a larger batch: every check below uses its own figure.
+        self.n_batch = int(llama_cpp.llama_n_batch(ptr))
         self._memory = llama_cpp.llama_get_memory(ptr)
         self.seq_len = [0] * params.n_seq_max  # tokens held by each sequence
-        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
-        n = params.n_batch
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        n = self.n_batch
         self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(n,))
         self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
         self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
@@ -105,8 +108,8 @@ class Context:
         total = sum(len(e.tokens) for e in entries)
         if total == 0:
             return {}
-        if total > self.params.n_batch:
-            raise InvalidInput(f"a step carries at most {self.params.n_batch} tokens, got {total}")
+        if total > self.n_batch:
+            raise InvalidInput(f"a step carries at most {self.n_batch} tokens, got {total}")
         seqs = [e.seq_id for e in entries]
         if len(set(seqs)) != len(seqs) or not all(0 <= s < self.params.n_seq_max for s in seqs):
             raise InvalidInput(f"one entry per sequence, ids below {self.params.n_seq_max}")

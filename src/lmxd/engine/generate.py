@@ -100,7 +100,7 @@ class GenerationResult:
 
 def prefill(context: Context, seq_id: int, tokens: Sequence[int]) -> int:
     """Decode ``tokens`` into sequence ``seq_id`` in chunks of n_batch; returns the output index."""
-    step = context.params.n_batch
+    step = context.n_batch
     out = 0
     for start in range(0, len(tokens), step):
         chunk = tokens[start : start + step]

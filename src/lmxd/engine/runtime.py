@@ -130,6 +130,10 @@ class Engine:
         future = self._executor.submit(fn, *args, **kwargs)
         return await asyncio.wrap_future(future)
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` on the engine thread without waiting (clean-ups)."""
+        self._executor.submit(fn)
+
     def check_thread(self) -> None:
         if threading.get_ident() != self._thread_id:
             raise EngineError("llama.cpp called off the engine thread (a bug in lmxd)")

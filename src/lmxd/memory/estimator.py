@@ -25,8 +25,10 @@ from lmxd.units import MiB
 # llama-context.cpp pads n_ctx (and llama-kv-cache-iswa.cpp the sliding-window cache) to 256.
 KV_PAD = 256
 # CUDA's per-process cost before the first byte of weights: the CUDA context and cuBLAS
-# workspace. DESIGN.md saw "about 500 MiB beyond the weights" on the H200; count it once.
-CUDA_OVERHEAD = 512 * MiB
+# workspace. On the H200 (2026-11-29) NVML showed 519-521 MiB beyond llama.cpp's own buffers
+# for one model and context; with two models loaded the peak ran ~25 MiB above the ledger's
+# view with 512. Count it once, with that margin.
+CUDA_OVERHEAD = 576 * MiB
 # Allocator alignment slack per context; it also covers llama.cpp's buffer log lines, which
 # round to 0.01 MiB, so that a measured figure never exceeds an exact prediction.
 COMPUTE_SLACK = 128 * 1024

@@ -53,7 +53,12 @@ _TRANSITIONS: dict[AgentState, set[AgentState]] = {
         AgentState.PARKED,
         AgentState.PARKING,
     },
-    AgentState.RESTORING: {AgentState.ACTIVE, AgentState.PARKED, AgentState.EMPTY},
+    AgentState.RESTORING: {
+        AgentState.ACTIVE,
+        AgentState.PARKED,
+        AgentState.EMPTY,
+        AgentState.RESIDENT,
+    },
     AgentState.ACTIVE: {AgentState.RESIDENT, AgentState.EMPTY},
     AgentState.PARKING: {
         AgentState.PARKED,
@@ -109,6 +114,9 @@ class Job:
     timings: DecodeTimings = field(default_factory=DecodeTimings)
 
     def fail(self, exc: LmxdError) -> None:
+        """End the job with an error; a streaming client gets its end of stream too."""
+        if self.events is not None:
+            self.events.put_nowait("")
         if not self.done.done():
             self.done.set_exception(exc)
 

@@ -32,8 +32,9 @@ from lmxd.errors import (
     Forbidden,
     InvalidInput,
     LmxdError,
+    ParkBudgetExceeded,
     UnknownAgent,
-)  # fmt: skip
+)
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial, Request
 from lmxd.modelfile import read_model_info
@@ -138,8 +139,8 @@ class Scheduler:
                                    agent=agent_id)  # fmt: skip
             await self.room.drop(agent)
             agent.tokens, agent.history = [], []
-            if agent.state is not AgentState.EMPTY:
-                agent.move(AgentState.EMPTY)
+            if agent.state is AgentState.RESIDENT or agent.state is AgentState.PARKED:
+                agent.move(AgentState.EMPTY)  # QUEUED (a DECODE came meanwhile) stays queued
             await self.room.close_if_unused(agent.slot)
             return {"agent": agent_id}
 
@@ -213,8 +214,14 @@ class Scheduler:
         self._send_replies()
 
     async def _admit(self, slot: ModelSlot) -> None:
-        """Start the queued jobs of ``slot`` whose agents can be made resident now."""
+        """Start the queued jobs of ``slot`` whose agents can be made resident now.
+
+        An agent that cannot be seated waits for one that is decoding to finish; if nothing
+        is decoding anywhere, waiting would be forever (say, the park budget is spent), so its
+        job fails with the reason instead.
+        """
         queued = [a for a in slot.agents.values() if a.state is AgentState.QUEUED]
+        unseated: list[Agent] = []
         for agent in sorted(queued, key=lambda a: a.jobs[0].timings.submitted):
             job = agent.jobs[0]
             if job.cancelled:
@@ -222,7 +229,8 @@ class Scheduler:
                 continue
             try:
                 if not await self.room.make_resident(agent, job):
-                    return  # no room until an active agent finishes
+                    unseated.append(agent)
+                    continue
                 await self.engine.acall(prepare, agent, job)
             except LmxdError as exc:
                 self._fail(agent, job, exc)
@@ -230,9 +238,13 @@ class Scheduler:
             agent.move(AgentState.ACTIVE)
             job.timings.admitted = time.perf_counter()
             slot.last_used = time.monotonic()
+        if unseated and not any(a.state is AgentState.ACTIVE for a in self.agents.values()):
+            for agent in unseated:
+                self._fail(agent, agent.jobs[0], self._no_room(slot))
 
     async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
-        plan = plan_step(active, self.room.config.n_batch)
+        assert slot.context is not None
+        plan = plan_step(active, slot.context.n_batch)
         need = sum(len(tokens) for _, tokens in plan.entries)
         if slot.free_cells() < need:
             await self.room.make_room(slot, need, plan.entries[0][0].jobs[0])
@@ -291,13 +303,15 @@ class Scheduler:
 
     def _fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
         log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
-        self._end(agent, job)
         job.fail(exc)
+        if job.generation is not None:  # free its sampler chain, on the engine thread
+            self.engine.post(job.generation.cancel)
+        self._end(agent, job, stream_ended=True)
 
-    def _end(self, agent: Agent, job: Job) -> None:
+    def _end(self, agent: Agent, job: Job, stream_ended: bool = False) -> None:
         """The job leaves the agent, which goes idle where its KV is, or takes its next job."""
         agent.jobs.remove(job)
-        if job.events is not None:
+        if job.events is not None and not stream_ended:
             job.events.put_nowait("")  # end of stream
         agent.last_used = time.time()
         if agent.seq is not None:
@@ -309,6 +323,15 @@ class Scheduler:
         if agent.jobs:
             agent.move(AgentState.QUEUED)
             self._wake.set()
+
+    def _no_room(self, slot: ModelSlot) -> LmxdError:
+        """Nothing is decoding, yet no room could be made: say why instead of waiting."""
+        store = self.room.store
+        return ParkBudgetExceeded(
+            f"no room for another agent of {slot.key}: every other agent is busy or cannot be "
+            f"parked (parked state uses {store.used} of its {store.budget}-byte budget)",
+            budget_bytes=store.budget, used_bytes=store.used,
+        )  # fmt: skip
 
     # -- models ------------------------------------------------------------------------------
 

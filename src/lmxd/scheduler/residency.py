@@ -122,7 +122,8 @@ class Residency:
     async def _create_context(
         self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
     ) -> None:
-        params = ContextParams(n_ctx=n_ctx * n_seq, n_seq_max=n_seq,
+        cells = -(-n_ctx * n_seq // 256) * 256  # llama.cpp pads to 256; ask for that directly
+        params = ContextParams(n_ctx=cells, n_seq_max=n_seq,
                                n_batch=self.config.n_batch, n_ubatch=self.config.n_batch,
                                n_threads=self.config.n_threads)  # fmt: skip
         try:
@@ -175,11 +176,12 @@ class Residency:
         else:
             state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
             if state is None:
-                agent.move(before)
+                agent.move(AgentState.QUEUED if agent.jobs else before)
                 return False
         slot.seqs[seq] = None
         agent.seq, agent.parked = None, state
-        agent.move(AgentState.QUEUED if before is AgentState.QUEUED else AgentState.PARKED)
+        # A DECODE may have arrived while the copy ran: then the agent waits its turn.
+        agent.move(AgentState.QUEUED if agent.jobs else AgentState.PARKED)
         elapsed = time.perf_counter() - t0
         nbytes = state.nbytes if state else 0
         self.transfers.parks += 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from lmxd.engine.context import SeqBatch
 from lmxd.engine.generate import Generation
 from lmxd.engine.model import ChatMessage
-from lmxd.errors import PromptTooLong
+from lmxd.errors import InvalidInput, PromptTooLong
 from lmxd.scheduler.agents import Agent, Job
 from lmxd.scheduler.slots import ModelSlot
 
@@ -75,6 +75,8 @@ def prepare(agent: Agent, job: Job) -> None:
         if not agent.tokens and agent.system_prompt:
             text = agent.system_prompt + text
         tokens = agent.tokens + model.tokenize(text, add_special=not agent.tokens)
+    if not tokens:
+        raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
     if len(tokens) >= agent.n_ctx:
         raise PromptTooLong(
             f"the conversation would be {len(tokens)} tokens; agent {agent.id!r} has n_ctx "
