@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +84,27 @@ class Connection:
         if first and first != b"{":
             await serve_text(self, first)
             return
+        async for line in self.lines(first):
+            if isinstance(line, LineTooLong):
+                await self.send(protocol.error(None, line))
+            elif line.strip():
+                self._spawn(self._handle(line))
+
+    async def lines(self, first: bytes) -> AsyncIterator[bytes | LineTooLong]:
+        """The connection's lines (the first one starting with ``first``, the byte that told
+        the protocol apart), or the error for one over the size limit, until the client goes."""
         pending = first
         while True:
             try:
-                line = await self.read_line()
+                line = await read_line(self.reader)
             except LineTooLong as exc:
                 pending = b""
-                await self.send(protocol.error(None, exc))
+                yield exc
                 continue
             if line is None:
-                break
-            line, pending = pending + line, b""
-            if line.strip():
-                self._spawn(self._handle(line))
+                return
+            yield pending + line
+            pending = b""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -183,9 +191,6 @@ class Connection:
             raise
         finally:
             del self._jobs[rid]
-
-    async def read_line(self) -> bytes | None:
-        return await read_line(self.reader)
 
 
 class Server:

@@ -102,17 +102,10 @@ async def _command(conn: Connection, line: str) -> list[str]:
 
 
 async def serve_text(conn: Connection, first: bytes) -> None:
-    pending = first
-    while True:
-        try:
-            line = await conn.read_line()
-        except LineTooLong as exc:
-            pending = b""
-            await conn.send((_err(exc) + "\n").encode())
+    async for raw in conn.lines(first):
+        if isinstance(raw, LineTooLong):
+            await conn.send((_err(raw) + "\n").encode())
             continue
-        if line is None:
-            return
-        raw, pending = pending + line, b""
         try:
             text = raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:

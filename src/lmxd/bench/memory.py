@@ -32,7 +32,9 @@ class MemoryRow:
 
     @property
     def ratio(self) -> float:
-        return sum(self.predicted.values()) / max(1, sum(self.measured.values()))
+        """Predicted over llama.cpp's report, both without the backend overhead."""
+        own = sum(self.predicted.values()) - self.predicted.get("overhead", 0)
+        return own / max(1, sum(self.measured.values()))
 
 
 def measure_one(path: Path, n_ctx: int, n_seq: int) -> MemoryRow:
@@ -76,21 +78,33 @@ def run_table(configs: list[tuple[Path, int, int]], out: Path | None) -> list[Me
 
 
 def markdown(rows: list[MemoryRow]) -> str:
+    """Predicted beside llama.cpp's report (the backend overhead is in no report), and, on a
+    GPU, predicted with the overhead beside the process's NVML delta."""
+
     def mib(n: int) -> str:
         return f"{n / MiB:,.1f}"
 
-    lines = [
+    gpu = any(r.nvml_delta is not None for r in rows)
+    head = (
         "| model | n_ctx | seqs | weights MiB (pred / meas) | KV MiB | compute MiB | "
-        "total MiB (pred / meas) | pred / meas |",
-        "|---|---:|---:|---|---|---|---|---:|",
+        "total MiB (pred / llama.cpp) | ratio |"
+    )
+    lines = [
+        head + (" pred + overhead / NVML MiB | ratio |" if gpu else ""),
+        "|---|---:|---:|---|---|---|---|---:|" + ("---|---:|" if gpu else ""),
     ]
     for r in rows:
         p, m = r.predicted, r.measured
-        lines.append(
+        own = sum(p.values()) - p.get("overhead", 0)
+        line = (
             f"| {r.model} | {r.n_ctx} | {r.n_seq} | {mib(p['weights'])} / {mib(m['weights'])} | "
             f"{mib(p['kv'])} / {mib(m['kv'])} | {mib(p['compute'])} / {mib(m['compute'])} | "
-            f"{mib(sum(p.values()))} / {mib(sum(m.values()))} | {r.ratio:.3f} |"
+            f"{mib(own)} / {mib(sum(m.values()))} | {r.ratio:.4f} |"
         )
+        if r.nvml_delta is not None:
+            total = sum(p.values())
+            line += f" {mib(total)} / {mib(r.nvml_delta)} | {total / r.nvml_delta:.4f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
