@@ -446,3 +446,19 @@ def test_unregister_ends_a_stream_in_flight(daemon: Daemon) -> None:
     while (frame := streamer.recv()).get("event") == "token":
         pass
     assert frame["id"] == rid and frame["error"]["code"] == "CANCELLED"
+
+
+def test_text_client_leaving_mid_decode_stops_its_generation(daemon: Daemon) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(daemon.socket))
+    s.sendall(b"REGISTER a\tsmollm2-135m\n")
+    assert s.makefile("rb").readline().startswith(b"OK registered")
+    s.sendall(b"DECODE a 2000 Count from one to two thousand, in words:\n")
+    time.sleep(0.5)
+    s.close()
+    w = daemon.wire()
+    deadline = time.monotonic() + 20
+    while w.ok("LIST")["agents"][0]["state"] == "decoding" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agent = w.ok("LIST")["agents"][0]
+    assert agent["state"] == "resident" and agent["tokens"] < 1000

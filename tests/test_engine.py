@@ -207,6 +207,8 @@ def test_bad_sampling_params(bad: dict[str, float]) -> None:
 def test_bad_batches_are_refused_before_llama_cpp(smol: Model) -> None:
     def run(ctx: Context) -> None:
         with pytest.raises(InvalidInput):
+            generate(ctx, 0, [], 4, GREEDY)  # no token, no logits to start from
+        with pytest.raises(InvalidInput):
             ctx.decode([SeqBatch(0, [1] * 600)])  # more than n_batch
         with pytest.raises(InvalidInput):
             ctx.decode([SeqBatch(0, [1]), SeqBatch(0, [2])])  # one entry per sequence
@@ -240,3 +242,25 @@ def test_llama_cpp_objects_refuse_other_threads(smol: Model) -> None:
     with pytest.raises(EngineError, match="engine thread"):
         smol.free()  # this test runs on the main thread
     assert smol.ptr is not None
+
+
+def test_truncating_a_sliding_window_sequence_continues_like_a_fresh_one(gemma: Model) -> None:
+    """Gemma 3 keeps only a 512-token window in most layers: cutting a long sequence back must
+    either keep a usable window or clear it (and the caller prefills again), never leave a
+    sequence that attends over a hole."""
+    tokens = on_engine(lambda: gemma.tokenize("The history of the city of Paris. " * 160))
+    keep = len(tokens) - 100
+
+    def continued(ctx: Context) -> str:
+        prefill(ctx, 0, tokens)
+        ctx.truncate_seq(0, keep)
+        assert ctx.seq_len[0] in (0, keep)
+        return generate(ctx, 0, tokens[ctx.seq_len[0] : keep + 1], 8, GREEDY).text
+
+    def fresh(ctx: Context) -> str:
+        return generate(ctx, 0, tokens[: keep + 1], 8, GREEDY).text
+
+    assert len(tokens) > 1100
+    assert with_context(gemma, continued, n_ctx=2048, n_seq=1) == with_context(
+        gemma, fresh, n_ctx=2048, n_seq=1
+    )

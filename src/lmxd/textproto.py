@@ -113,10 +113,16 @@ async def serve_text(conn: Connection, first: bytes) -> None:
             continue
         if not text.strip():
             continue
+        command = asyncio.ensure_future(_command(conn, text))
+        # One command at a time, so nothing reads the socket meanwhile: watch for the client
+        # leaving (end of stream) so that its DECODE stops instead of running to the end.
+        while not command.done():
+            await asyncio.wait({command}, timeout=0.1)
+            if conn.reader.at_eof() and not command.done():
+                command.cancel()
+                return
         try:
-            lines = await _command(conn, text)
+            lines = command.result()
         except LmxdError as exc:
             lines = [_err(exc)]
-        except asyncio.CancelledError:
-            raise
         await conn.send(("\n".join(lines) + "\n").encode())

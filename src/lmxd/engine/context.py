@@ -187,7 +187,13 @@ class Context:
         self.model.engine.check_thread()
         if keep >= self.seq_len[seq_id]:
             return
-        if llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+        removed = llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1)
+        # A sliding-window cache keeps only the last n_swa positions: if the window the kept
+        # tokens need is gone already, nothing short of prefilling again brings it back.
+        n_swa = self.model.info.n_swa
+        first = int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id))  # -1: no cells
+        lost = n_swa > 0 and keep > 0 and (first < 0 or first > max(0, keep - n_swa))
+        if removed and not lost:
             self.seq_len[seq_id] = keep
         else:
             self.clear_seq(seq_id)

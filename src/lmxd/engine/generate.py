@@ -15,6 +15,7 @@ from enum import StrEnum
 from lmxd.engine.context import Context, SeqBatch
 from lmxd.engine.sampling import Sampler, SamplingParams
 from lmxd.engine.textstream import StopMatcher, TokenTextDecoder
+from lmxd.errors import InvalidInput
 
 
 class StopReason(StrEnum):
@@ -100,6 +101,8 @@ class GenerationResult:
 
 def prefill(context: Context, seq_id: int, tokens: Sequence[int]) -> int:
     """Decode ``tokens`` into sequence ``seq_id`` in chunks of n_batch; returns the output index."""
+    if not tokens:
+        raise InvalidInput("nothing to prefill: a reply starts from the logits of a new token")
     step = context.n_batch
     out = 0
     for start in range(0, len(tokens), step):

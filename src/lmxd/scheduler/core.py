@@ -147,14 +147,16 @@ class Scheduler:
     async def unregister(self, agent_id: str) -> dict[str, object]:
         async with self._lock:
             agent = self._agent(agent_id)
+            slot = agent.slot
+            # Gone from the tables before the first await: a DECODE arriving meanwhile gets
+            # UNKNOWN_AGENT instead of a place in a queue nobody will serve.
+            del slot.agents[agent_id], self.agents[agent_id]
             for job in agent.jobs:
                 if job.generation is not None:
                     await self.engine.acall(job.generation.cancel)
                 job.fail(Cancelled(f"agent {agent_id!r} was unregistered", agent=agent_id))
             agent.jobs.clear()
             await self.room.drop(agent)
-            slot = agent.slot
-            del slot.agents[agent_id], self.agents[agent_id]
             handle = slot.weights.pop(agent_id)
             if not slot.agents:
                 await self._keep_alive(slot)  # holds the weights before this agent lets go

@@ -53,9 +53,14 @@ def _save_and_clear(ctx: Context, seq: int, store: KvStore) -> ParkedState | Non
     buffer = store.allocate(size)
     if buffer is None:
         return None
-    ctx.save_seq(seq, buffer)
+    state = ParkedState(buffer, size, n_tokens)
+    try:
+        ctx.save_seq(seq, buffer)
+    except LmxdError:
+        store.free(state)
+        raise
     ctx.clear_seq(seq)
-    return ParkedState(buffer, size, n_tokens)
+    return state
 
 
 class Residency:
@@ -174,7 +179,11 @@ class Residency:
         if ctx.seq_len[seq] == 0:
             state = None
         else:
-            state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
+            try:
+                state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
+            except LmxdError:
+                agent.move(AgentState.QUEUED if agent.jobs else before)
+                raise
             if state is None:
                 agent.move(AgentState.QUEUED if agent.jobs else before)
                 return False
