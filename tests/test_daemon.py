@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 from daemon_harness import Daemon, Wire
 
+from lmxd.spawn import DaemonProcess
+
 CHAT = [
     "What is the capital of France?",
     "And of Germany? Answer in one sentence.",
@@ -462,3 +464,31 @@ def test_text_client_leaving_mid_decode_stops_its_generation(daemon: Daemon) -> 
         time.sleep(0.05)
     agent = w.ok("LIST")["agents"][0]
     assert agent["state"] == "resident" and agent["tokens"] < 1000
+
+
+def test_weights_stay_for_the_keep_alive_then_go() -> None:
+    d = DaemonProcess("--keep-alive", "1.5", timeout=60)
+    try:
+        w = Wire(d.socket)
+        w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=512)
+        w.ok("UNREGISTER", agent="a")
+        kept = w.ok("MODELS")["models"]
+        assert [m["model"] for m in kept] == ["smollm2-135m"] and kept[0]["refcount"] == 0
+        w.ok("REGISTER", agent="b", model="smollm2-135m", n_ctx=512)  # reuses the weights
+        w.ok("UNREGISTER", agent="b")
+        time.sleep(2.5)
+        assert w.ok("MODELS")["models"] == []
+        assert w.ok("STATUS")["ledger"]["reserved"] == 0
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_shutdown_from_another_user_is_forbidden() -> None:
+    from lmxd.errors import Forbidden
+    from lmxd.service import Limits, Service
+
+    stopped: list[bool] = []
+    service = Service(None, Limits(1, 1, 1), lambda: stopped.append(True))  # type: ignore[arg-type]
+    with pytest.raises(Forbidden) as exc:
+        service.shutdown(peer_uid=os.getuid() + 1)
+    assert exc.value.details["daemon_uid"] == os.getuid() and not stopped
