@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -146,8 +145,5 @@ class KvStore:
         size = max(s for s, bufs in self._idle.items() if bufs)
         buffer = self._idle[size].pop()
         self._idle_bytes -= size
-        release: Callable[[HostBuffer], None] = (
-            self.pinned.free if self.pinned is not None and not isinstance(buffer, bytearray)
-            else lambda _: None
-        )  # fmt: skip
-        release(buffer)
+        if self.pinned is not None and not isinstance(buffer, bytearray):
+            self.pinned.free(buffer)  # ordinary buffers go with their last reference
