@@ -90,9 +90,19 @@ def fake_daemon(script: Script) -> Iterator[Path]:
 
 def decode_reply(agent: str, text: str, **fields: Any) -> Frame:
     timings = {"queued": 0.1, "restore": 0, "prefill": 1.5, "decode": 2, "total": 3.6}
-    return {"agent": agent, "text": text, "prompt_tokens": 3, "generated_tokens": 2,
-            "stop_reason": "length", "timings_ms": timings, "restored": False, "parked": [],
-            "tokens_per_s": 1000.0, **fields}  # fmt: skip
+    return {
+        "agent": agent,
+        "text": text,
+        "prompt_tokens": 3,
+        "cached_tokens": 0,
+        "generated_tokens": 2,
+        "stop_reason": "length",
+        "timings_ms": timings,
+        "restored": False,
+        "parked": [],
+        "tokens_per_s": 1000.0,
+        **fields,
+    }
 
 
 def status_via(kind: str, path: Path) -> Frame:
@@ -131,9 +141,16 @@ def test_stream_yields_pieces_then_the_result_between_other_replies() -> None:
     async def script(peer: Peer) -> None:
         first, second = await peer.recv(), await peer.recv()
         decode, status = (first, second) if first["op"] == "DECODE" else (second, first)
-        assert decode == {"id": decode["id"], "op": "DECODE", "agent": "a", "prompt": "hi",
-                          "max_tokens": 8, "sampling": {"seed": 7}, "stop": ["\n"],
-                          "stream": True}  # fmt: skip
+        assert decode == {
+            "id": decode["id"],
+            "op": "DECODE",
+            "agent": "a",
+            "prompt": "hi",
+            "max_tokens": 8,
+            "sampling": {"seed": 7},
+            "stop": ["\n"],
+            "stream": True,
+        }
         await peer.send(id=decode["id"], event="token", text="Hel", token=1)
         await peer.ok(status, queue={"depth": 1, "max": 64})
         await peer.send(id=decode["id"], event="token", text="lo", token=2)

@@ -12,10 +12,19 @@ from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.modelfile import read_model_info
 
 CASES = [
-    ("smollm2", 512, 1), ("smollm2", 4096, 1), ("smollm2", 8192, 1), ("smollm2", 4096, 3),
-    ("gemma3", 512, 1), ("gemma3", 4096, 1), ("gemma3", 32768, 1), ("gemma3", 2048, 4),
-    ("tiny", 512, 1), ("tiny", 4096, 1), ("tiny", 8192, 1), ("tiny", 1024, 8),
-]  # fmt: skip
+    ("smollm2", 512, 1),
+    ("smollm2", 4096, 1),
+    ("smollm2", 8192, 1),
+    ("smollm2", 4096, 3),
+    ("gemma3", 512, 1),
+    ("gemma3", 4096, 1),
+    ("gemma3", 32768, 1),
+    ("gemma3", 2048, 4),
+    ("tiny", 512, 1),
+    ("tiny", 4096, 1),
+    ("tiny", 8192, 1),
+    ("tiny", 1024, 8),
+]
 
 
 @pytest.mark.parametrize(("name", "n_ctx", "n_seq"), CASES)

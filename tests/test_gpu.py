@@ -72,8 +72,10 @@ def test_the_cap_is_never_crossed() -> None:
         with PeakSampler(d.pid) as sampler:
             for i, model in enumerate(MODELS * 2):
                 w.ok("REGISTER", agent=f"a{i}", model=model, n_ctx=8192)
-            ids = [w.send("DECODE", agent=f"a{i}", prompt=" hello" * 500, max_tokens=64)
-                   for i in range(4)]  # fmt: skip
+            ids = [
+                w.send("DECODE", agent=f"a{i}", prompt=" hello" * 500, max_tokens=64)
+                for i in range(4)
+            ]
             replies = [w.recv() for _ in ids]
             cap = w.ok("STATUS")["ledger"]["cap"]
         assert all(r["ok"] for r in replies), replies

@@ -110,8 +110,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def reserve(self, sizes: list[int], key: str | None) -> tuple[Reservation, ...]:
         before = self.ledger.reserved
         shared_live = key is not None and any(r.key == key for r in self.live.values())
-        requests = [Request(f"o{i}", {"kv": s}, key=key if i == 0 else None)
-                    for i, s in enumerate(sizes)]  # fmt: skip
+        requests = [
+            Request(f"o{i}", {"kv": s}, key=key if i == 0 else None) for i, s in enumerate(sizes)
+        ]
         new_bytes = sum(sizes[1:]) + (0 if shared_live else sizes[0])
         got = self.ledger.try_reserve(*requests)
         if before + new_bytes <= self.cap:

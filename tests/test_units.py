@@ -10,9 +10,16 @@ from lmxd.units import GiB, MiB, format_bytes, parse_bytes
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8GiB", 8 * GiB), ("8 GiB", 8 * GiB), ("512MiB", 512 * MiB), ("2GB", 2_000_000_000),
-     ("1.5g", 1_500_000_000), ("4096", 4096), ("  64 kib ", 64 * 1024)],
-)  # fmt: skip
+    [
+        ("8GiB", 8 * GiB),
+        ("8 GiB", 8 * GiB),
+        ("512MiB", 512 * MiB),
+        ("2GB", 2_000_000_000),
+        ("1.5g", 1_500_000_000),
+        ("4096", 4096),
+        ("  64 kib ", 64 * 1024),
+    ],
+)
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
 

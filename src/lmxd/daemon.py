@@ -1,29 +1,33 @@
 """`lmxd serve`: wiring the daemon together, owning its socket, and stopping cleanly.
 
-One process, one backend init, one engine thread. The socket is created with mode 0600; a
-live daemon's socket is never taken over, a stale one (nobody answers) is removed.
+One process, one backend init, one engine thread, one asyncio loop: the Unix socket's two
+fronts and the HTTP front all run in it and call the same Service. The socket is created with
+mode 0600; a live daemon's socket is never taken over, a stale one (nobody answers) is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmxd.engine.runtime import Engine
 from lmxd.errors import DaemonRunning
+from lmxd.fronts import jsonl, text
+from lmxd.fronts.http import HttpConfig, check_exposure
+from lmxd.fronts.http.app import HttpFront
+from lmxd.fronts.unix import Connection, Front, UnixServer
 from lmxd.kvstore import KvStore
 from lmxd.memory.device import ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.ledger import Denial, Ledger, Request
 from lmxd.scheduler import Scheduler, SchedulerConfig
 from lmxd.scheduler.residency import Residency, ResidencyConfig
-from lmxd.server import Server
 from lmxd.service import Limits, Service
 from lmxd.units import format_bytes
 
@@ -44,6 +48,10 @@ class DaemonConfig:
     park_after_decode: bool = False
     n_threads: int = 0
     max_seqs: int = 16
+    http: HttpConfig | None = field(default_factory=HttpConfig)  # None: no HTTP front
+    auto_agents: int = 8  # auto-agents per model for HTTP requests that name a model
+    auto_agent_ttl_s: float = 600.0
+    stream_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
 
 
 def claim_socket(path: Path) -> None:
@@ -63,7 +71,28 @@ def claim_socket(path: Path) -> None:
         probe.close()
 
 
+def _fronts(service: Service) -> Callable[[bytes], Front]:
+    """The socket front a connection's first byte names."""
+
+    async def json_lines(conn: Connection, first: bytes) -> None:
+        await jsonl.serve(service, conn, first)
+
+    async def text_protocol(conn: Connection, first: bytes) -> None:
+        await text.serve(service, conn, first)
+
+    return lambda first: json_lines if first == b"{" else text_protocol
+
+
+async def _expire_auto_agents(service: Service) -> None:
+    period = max(1.0, min(30.0, service.limits.auto_agent_ttl_s / 4))
+    while True:
+        await asyncio.sleep(period)
+        await service.expire_auto_agents()
+
+
 async def run(config: DaemonConfig) -> None:
+    if config.http is not None:
+        check_exposure(config.http)  # before anything is loaded: a refusal is instant
     claim_socket(config.socket)
     # llama.cpp's backends first: on the H200 machine, a process that touched NVML before
     # llama.cpp set up CUDA died in its first model load (seen 2026-11-29).
@@ -79,17 +108,37 @@ async def run(config: DaemonConfig) -> None:
             raise got.error()
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
     store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
-    room = Residency(engine, ledger, store, ResidencyConfig(
-        backend, n_threads=config.n_threads, max_seqs=config.max_seqs))  # fmt: skip
-    scheduler = Scheduler(engine, room, SchedulerConfig(
-        models_dir=config.models_dir, allowed_dirs=config.allowed_dirs,
-        max_queue=config.max_queue, keep_alive_s=config.keep_alive_s,
-        park_after_decode=config.park_after_decode,
-    ))  # fmt: skip
+    room = Residency(
+        engine,
+        ledger,
+        store,
+        ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
+    )
+    scheduler = Scheduler(
+        engine,
+        room,
+        SchedulerConfig(
+            models_dir=config.models_dir,
+            allowed_dirs=config.allowed_dirs,
+            max_queue=config.max_queue,
+            keep_alive_s=config.keep_alive_s,
+            park_after_decode=config.park_after_decode,
+            stream_timeout_s=config.stream_timeout_s,
+        ),
+    )
     stop = asyncio.Event()
-    service = Service(scheduler, Limits(config.max_queue, config.default_n_ctx,
-                                        config.park_budget), stop.set)  # fmt: skip
-    server = Server(service)
+    limits = Limits(
+        config.max_queue,
+        config.default_n_ctx,
+        config.park_budget,
+        config.auto_agents,
+        config.auto_agent_ttl_s,
+    )
+    service = Service(scheduler, limits, stop.set)
+    http = HttpFront(service, config.http) if config.http is not None else None
+    if http is not None:
+        service.http_url = await http.start()
+    server = UnixServer(_fronts(service))
     old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
     try:
         await server.start(config.socket)
@@ -98,21 +147,34 @@ async def run(config: DaemonConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scheduler_task = asyncio.create_task(scheduler.run())
+    tasks = [
+        asyncio.create_task(scheduler.run()),
+        asyncio.create_task(_expire_auto_agents(service)),
+    ]
     log.info(
-        "lmxd listening on %s; device %s (%s, %s total); ledger cap %s; backend %s",
-        config.socket, device.name, device.kind, format_bytes(device.total),
-        format_bytes(cap), backend.value,
-    )  # fmt: skip
+        "lmxd listening on %s and %s; device %s (%s, %s total); ledger cap %s; backend %s",
+        config.socket,
+        service.http_url or "no HTTP",
+        device.name,
+        device.kind,
+        format_bytes(device.total),
+        format_bytes(cap),
+        backend.value,
+    )
     try:
         await stop.wait()
     finally:
         log.info("stopping")
-        await server.stop()
+        # In-flight DECODEs end first (CANCELLED), and their fronts get a moment to say so
+        # before the connections close.
         await scheduler.shutdown()
-        scheduler_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await scheduler_task
+        await asyncio.sleep(0.05)
+        if http is not None:
+            await http.stop()
+        await server.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         config.socket.unlink(missing_ok=True)
         log.info("stopped")
 

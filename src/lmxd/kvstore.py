@@ -52,8 +52,11 @@ class PinnedMemory:
 
     def __init__(self, library: str) -> None:
         self._cuda = ctypes.CDLL(library)
-        self._cuda.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
-                                             ctypes.c_uint]  # fmt: skip
+        self._cuda.cudaHostAlloc.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_size_t,
+            ctypes.c_uint,
+        ]
         self._cuda.cudaFreeHost.argtypes = [ctypes.c_void_p]
 
     @classmethod

@@ -102,8 +102,18 @@ class Shutdown(_Op, tag="SHUTDOWN"):
 Request = (
     Hello | Register | Decode | Reset | Unregister | Status | List | Models | Cancel | Shutdown
 )
-OPS = ("HELLO", "REGISTER", "DECODE", "RESET", "UNREGISTER", "STATUS", "LIST", "MODELS",
-       "CANCEL", "SHUTDOWN")  # fmt: skip
+OPS = (
+    "HELLO",
+    "REGISTER",
+    "DECODE",
+    "RESET",
+    "UNREGISTER",
+    "STATUS",
+    "LIST",
+    "MODELS",
+    "CANCEL",
+    "SHUTDOWN",
+)
 
 _decoder = msgspec.json.Decoder(Request)
 _encoder = msgspec.json.Encoder()

@@ -16,11 +16,27 @@ from lmxd.errors import DaemonFailed
 class DaemonProcess:
     """``lmxd serve`` in a child process on a private socket; stop() ends it with SIGTERM."""
 
-    def __init__(self, *args: str, socket_path: Path | None = None, timeout: float = 120) -> None:
+    def __init__(
+        self,
+        *args: str,
+        socket_path: Path | None = None,
+        timeout: float = 120,
+        http: str = "off",
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="lmxd-", dir="/tmp"))  # AF_UNIX paths are short
         self.socket = socket_path or self.dir / "d.sock"
         self.log_path = self.dir / "daemon.log"
-        cmd = [sys.executable, "-m", "lmxd.cli", "serve", "--socket", str(self.socket), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lmxd.cli",
+            "serve",
+            "--socket",
+            str(self.socket),
+            "--http",
+            http,
+            *args,
+        ]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

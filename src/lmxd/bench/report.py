@@ -36,11 +36,11 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
     charts: list[dict[str, Any]] = field(default_factory=list)
 
-    def chart(self, title: str, labels: list[str], series: dict[str, list[float]],
-              ylabel: str) -> None:  # fmt: skip
+    def chart(
+        self, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str
+    ) -> None:
         """A grouped bar chart, drawn later by `lmxd bench charts` (see :func:`render`)."""
-        self.charts.append({"title": title, "labels": labels, "series": series,
-                            "ylabel": ylabel})  # fmt: skip
+        self.charts.append({"title": title, "labels": labels, "series": series, "ylabel": ylabel})
 
     def add(
         self, name: str, value: float, unit: str, goal: str = "", met: bool | None = None
@@ -98,8 +98,12 @@ def render(json_path: Path) -> list[Path]:
         width = 0.8 / max(1, len(series))
         for k, (name, values) in enumerate(series.items()):
             ax.bar([x + k * width for x in range(len(labels))], values, width, label=name)
-        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels,
-                      rotation=20, ha="right")  # fmt: skip
+        ax.set_xticks(
+            [x + width * (len(series) - 1) / 2 for x in range(len(labels))],
+            labels,
+            rotation=20,
+            ha="right",
+        )
         ax.set_ylabel(spec["ylabel"])
         ax.set_title(spec["title"])
         ax.legend()

@@ -29,8 +29,14 @@ socket_option = click.option(
     "else /tmp/lmxd-$UID.sock).",
 )
 max_tokens_option = click.option("--max-tokens", type=int, default=256, show_default=True)
-_SAMPLING = (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
-             ("repeat_penalty", float), ("seed", int))  # fmt: skip
+_SAMPLING = (
+    ("temperature", float),
+    ("top_k", int),
+    ("top_p", float),
+    ("min_p", float),
+    ("repeat_penalty", float),
+    ("seed", int),
+)
 
 
 def sampling_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -58,22 +64,29 @@ def _bytes(n: int | None) -> str:
 @sampling_options
 @socket_option
 def register(
-    agent: str, model: str, n_ctx: int, system_prompt: str | None, socket_path: Path | None,
+    agent: str,
+    model: str,
+    n_ctx: int,
+    system_prompt: str | None,
+    socket_path: Path | None,
     **sampling: Any,
-) -> None:  # fmt: skip
+) -> None:
     """Register AGENT on MODEL (a catalog name or a .gguf path) with the daemon."""
     with Client(socket_path) as client:
         got = client.register(
             agent, model, n_ctx=n_ctx, sampling=_sampling(sampling), system_prompt=system_prompt
         )
-    console.print(f"registered {got.get('agent', agent)} on {got.get('model', model)}, "
-                  f"n_ctx {got.get('n_ctx', n_ctx)}")  # fmt: skip
+    console.print(
+        f"registered {got.get('agent', agent)} on {got.get('model', model)}, "
+        f"n_ctx {got.get('n_ctx', n_ctx)}"
+    )
 
 
 def _summary(result: DecodeResult) -> str:
     t = result.timings_ms
-    phases = ", ".join(f"{k} {t[k]:.1f}" for k in ("queued", "restore", "prefill", "decode")
-                       if k in t)  # fmt: skip
+    phases = ", ".join(
+        f"{k} {t[k]:.1f}" for k in ("queued", "restore", "prefill", "decode") if k in t
+    )
     parts = [
         f"{result.generated_tokens} tokens ({result.prompt_tokens} prompt)",
         f"stop: {result.stop_reason}",
@@ -106,9 +119,14 @@ def _show(stream: DecodeStream) -> None:
 @sampling_options
 @socket_option
 def decode(
-    agent: str, prompt: str, max_tokens: int, stop: tuple[str, ...], no_stream: bool,
-    socket_path: Path | None, **sampling: Any,
-) -> None:  # fmt: skip
+    agent: str,
+    prompt: str,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    no_stream: bool,
+    socket_path: Path | None,
+    **sampling: Any,
+) -> None:
     """Continue AGENT's conversation with the raw PROMPT, streaming the reply."""
     options = _sampling(sampling)
     with Client(socket_path) as client:
@@ -195,8 +213,10 @@ def status(as_json: bool, socket_path: Path | None) -> None:
     ]:
         table.add_row(name, _bytes(n))
     console.print(table)
-    console.print(f"agents: {got.get('agents', '?')} · queue: {queue.get('depth', '?')} of "
-                  f"{queue.get('max', '?')} · up {got.get('uptime_s', '?')} s")  # fmt: skip
+    console.print(
+        f"agents: {got.get('agents', '?')} · queue: {queue.get('depth', '?')} of "
+        f"{queue.get('max', '?')} · up {got.get('uptime_s', '?')} s"
+    )
 
 
 def _ago(when: float | None) -> str:
@@ -222,11 +242,23 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
         _echo_json(agents)
         return
     title = f"{len(agents)} agent{'' if len(agents) == 1 else 's'}"
-    table = _table(title, {"agent": "l", "model": "l", "state": "l",
-                   "n_ctx": "r", "tokens": "r", "in KV": "r", "last used": "r"})  # fmt: skip
+    table = _table(
+        title,
+        {
+            "agent": "l",
+            "model": "l",
+            "state": "l",
+            "n_ctx": "r",
+            "tokens": "r",
+            "in KV": "r",
+            "last used": "r",
+        },
+    )
     for a in agents:
-        table.add_row(*(str(a.get(k)) for k in ("agent", "model", "state", "n_ctx", "tokens",
-                        "kv_tokens")), _ago(a.get("last_used")))  # fmt: skip
+        table.add_row(
+            *(str(a.get(k)) for k in ("agent", "model", "state", "n_ctx", "tokens", "kv_tokens")),
+            _ago(a.get("last_used")),
+        )
     console.print(table)
 
 
@@ -246,11 +278,25 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
             models = client.models()
     except DaemonUnavailable:
         return None
-    table = _table(f"models loaded by the daemon at {client.path}", {"model": "l",
-                   "agents": "r", "weights": "r", "context": "r", "KV cells used": "r",
-                   "path": "l"})  # fmt: skip
+    table = _table(
+        f"models loaded by the daemon at {client.path}",
+        {
+            "model": "l",
+            "agents": "r",
+            "weights": "r",
+            "context": "r",
+            "KV cells used": "r",
+            "path": "l",
+        },
+    )
     for m in models:
         cells = f"{m.get('used_cells', '?')} of {m.get('pool_cells', '?')}"
-        table.add_row(str(m.get("model")), str(m.get("refcount")), _bytes(m.get("weights_bytes")),
-                      _bytes(m.get("context_bytes")), cells, str(m.get("path")))  # fmt: skip
+        table.add_row(
+            str(m.get("model")),
+            str(m.get("refcount")),
+            _bytes(m.get("weights_bytes")),
+            _bytes(m.get("context_bytes")),
+            cells,
+            str(m.get("path")),
+        )
     return table

@@ -9,6 +9,7 @@ import click
 
 from lmxd import catalog, protocol
 from lmxd.cli import main
+from lmxd.fronts.http import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, HttpConfig, parse_address
 from lmxd.units import parse_bytes
 
 
@@ -77,6 +78,42 @@ from lmxd.units import parse_bytes
 )
 @click.option("--threads", type=int, default=0, help="CPU threads for llama.cpp (0 = all).")
 @click.option(
+    "--http",
+    "http_address",
+    default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    show_default=True,
+    help="Where the OpenAI-compatible HTTP API listens: HOST:PORT, [IPv6]:PORT, :PORT, or off.",
+)
+@click.option(
+    "--api-key",
+    envvar=API_KEY_ENV,
+    default=None,
+    help=f"Require `Authorization: Bearer KEY` on HTTP (default: ${API_KEY_ENV}). Needed to "
+    "listen anywhere but loopback.",
+)
+@click.option(
+    "--auto-agents",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Agents the HTTP API may create per model for requests that name a model.",
+)
+@click.option(
+    "--auto-agent-ttl",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds an auto-agent may stay idle before it is unregistered.",
+)
+@click.option(
+    "--stream-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a streamed reply may wait, its buffer full, for a client that reads nothing "
+    "before it is cancelled.",
+)
+@click.option(
     "--max-seqs",
     type=click.IntRange(1, 256),
     default=16,
@@ -84,11 +121,26 @@ from lmxd.units import parse_bytes
     help="Agents of one model resident at once (sequences per context); others park.",
 )
 def serve(
-    socket_path: Path | None, models_dir: Path | None, allow_dirs: tuple[Path, ...],
-    vram_cap_percent: float, vram_limit: str | None, park_budget: str, keep_alive: float,
-    max_queue: int, default_n_ctx: int, park_after_decode: bool, threads: int, max_seqs: int,
-) -> None:  # fmt: skip
-    """Run the daemon: one process owns the device; agents connect over a Unix socket."""
+    socket_path: Path | None,
+    models_dir: Path | None,
+    allow_dirs: tuple[Path, ...],
+    vram_cap_percent: float,
+    vram_limit: str | None,
+    park_budget: str,
+    keep_alive: float,
+    max_queue: int,
+    default_n_ctx: int,
+    park_after_decode: bool,
+    threads: int,
+    http_address: str,
+    api_key: str | None,
+    auto_agents: int,
+    auto_agent_ttl: float,
+    stream_timeout: float,
+    max_seqs: int,
+) -> None:
+    """Run the daemon: one process owns the device; agents connect over a Unix socket and the
+    OpenAI-compatible HTTP API."""
     from lmxd.daemon import DaemonConfig
     from lmxd.daemon import serve as run_daemon
 
@@ -107,5 +159,9 @@ def serve(
         park_after_decode=park_after_decode,
         n_threads=threads,
         max_seqs=max_seqs,
+        http=None if http_address == "off" else HttpConfig(*parse_address(http_address), api_key),
+        auto_agents=auto_agents,
+        auto_agent_ttl_s=auto_agent_ttl,
+        stream_timeout_s=stream_timeout,
     )
     run_daemon(config)

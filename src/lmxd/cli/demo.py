@@ -40,16 +40,40 @@ class Role:
 
 
 ROLES = (
-    Role("coder", "smollm2-135m", "cyan", "You are a concise Python programmer.",
-         ("Write a Python function is_palindrome(s) that ignores case and spaces.",
-          "Now add a docstring to it.")),
-    Role("reviewer", "smollm2-135m", "magenta", "You are a careful code reviewer.",
-         ("Review this code and name its bug: def is_palindrome(s): return s == s.reverse()",
-          "How would you fix it?"), repeat_penalty=1.3),
-    Role("writer", "gemma3-270m", "yellow", None,
-         ("## is_palindrome\n\n`is_palindrome(s)` returns True when",
-          "\n\n### Example\n\n```python\n>>>"), chat=False, repeat_penalty=1.2),
-)  # fmt: skip
+    Role(
+        "coder",
+        "smollm2-135m",
+        "cyan",
+        "You are a concise Python programmer.",
+        (
+            "Write a Python function is_palindrome(s) that ignores case and spaces.",
+            "Now add a docstring to it.",
+        ),
+    ),
+    Role(
+        "reviewer",
+        "smollm2-135m",
+        "magenta",
+        "You are a careful code reviewer.",
+        (
+            "Review this code and name its bug: def is_palindrome(s): return s == s.reverse()",
+            "How would you fix it?",
+        ),
+        repeat_penalty=1.3,
+    ),
+    Role(
+        "writer",
+        "gemma3-270m",
+        "yellow",
+        None,
+        (
+            "## is_palindrome\n\n`is_palindrome(s)` returns True when",
+            "\n\n### Example\n\n```python\n>>>",
+        ),
+        chat=False,
+        repeat_penalty=1.2,
+    ),
+)
 
 
 class LabelledLines:
@@ -79,8 +103,9 @@ async def _turn(client: AsyncClient, role: Role, turn: int) -> DecodeResult:
     out = LabelledLines(role)
     text = role.turns[turn]
     if role.chat:
-        stream = client.stream(role.agent, messages=[{"role": "user", "content": text}],
-                               max_tokens=96)  # fmt: skip
+        stream = client.stream(
+            role.agent, messages=[{"role": "user", "content": text}], max_tokens=96
+        )
     else:
         out.feed(text.split("\n")[-1])  # the writer's prompt opens its own line
         stream = client.stream(role.agent, text, max_tokens=64)
@@ -94,8 +119,13 @@ async def _session(socket: Path, rounds: int) -> dict[str, list[DecodeResult]]:
     results: dict[str, list[DecodeResult]] = {r.agent: [] for r in ROLES}
     async with await AsyncClient.connect(socket) as client:
         for role in ROLES:
-            await client.register(role.agent, role.model, n_ctx=4096, system_prompt=role.system,
-                                  sampling={"repeat_penalty": role.repeat_penalty})  # fmt: skip
+            await client.register(
+                role.agent,
+                role.model,
+                n_ctx=4096,
+                system_prompt=role.system,
+                sampling={"repeat_penalty": role.repeat_penalty},
+            )
         for turn in range(rounds):
             console.rule(f"round {turn + 1}: three agents at once")
             replies = await asyncio.gather(*(_turn(client, r, turn) for r in ROLES))
@@ -109,8 +139,10 @@ async def _session(socket: Path, rounds: int) -> dict[str, list[DecodeResult]]:
 def _print_ledger(status: dict[str, object]) -> None:
     ledger = status["ledger"]
     assert isinstance(ledger, dict)
-    table = Table(title=f"ledger: {format_bytes(ledger['reserved'])} reserved of a "
-                        f"{format_bytes(ledger['cap'])} cap")  # fmt: skip
+    table = Table(
+        title=f"ledger: {format_bytes(ledger['reserved'])} reserved of a "
+        f"{format_bytes(ledger['cap'])} cap"
+    )
     table.add_column("owner")
     table.add_column("bytes", justify="right")
     for owner, size in ledger["by_owner"].items():
@@ -123,16 +155,29 @@ def _print_ledger(status: dict[str, object]) -> None:
 
 def _print_results(results: dict[str, list[DecodeResult]]) -> None:
     table = Table(title="per agent")
-    for col in ("agent", "round", "tokens", "tokens/s", "restored", "parked to make room",
-                "park ms", "restore ms"):  # fmt: skip
+    for col in (
+        "agent",
+        "round",
+        "tokens",
+        "tokens/s",
+        "restored",
+        "parked to make room",
+        "park ms",
+        "restore ms",
+    ):
         table.add_column(col)
     for agent, replies in results.items():
         for i, r in enumerate(replies, 1):
             table.add_row(
-                agent, str(i), str(r.generated_tokens), f"{r.tokens_per_s:.1f}",
-                "yes" if r.restored else "no", ", ".join(r.parked) or "-",
-                f"{r.timings_ms['park']:.1f}", f"{r.timings_ms['restore']:.1f}",
-            )  # fmt: skip
+                agent,
+                str(i),
+                str(r.generated_tokens),
+                f"{r.tokens_per_s:.1f}",
+                "yes" if r.restored else "no",
+                ", ".join(r.parked) or "-",
+                f"{r.timings_ms['park']:.1f}",
+                f"{r.timings_ms['restore']:.1f}",
+            )
     console.print(table)
 
 
@@ -146,8 +191,12 @@ def _naive(directory: Path, budget: int) -> None:
         info = read_model_info(catalog.resolve_model(role.model, directory))
         est = estimate(info, ARTICLE_N_CTX, beyond_training=True, swa_full=True)
         total += est.weights + est.kv
-        table.add_row(f"{role.agent} ({role.model})", format_bytes(est.weights),
-                      format_bytes(est.kv), format_bytes(est.weights + est.kv))  # fmt: skip
+        table.add_row(
+            f"{role.agent} ({role.model})",
+            format_bytes(est.weights),
+            format_bytes(est.kv),
+            format_bytes(est.weights + est.kv),
+        )
     console.print(table)
     verdict = "does not fit" if total > budget else "fits"
     console.print(

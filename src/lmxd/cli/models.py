@@ -47,10 +47,15 @@ def models(models_dir: Path | None) -> None:
             continue
         info = read_model_info(path)
         table.add_row(
-            name, format_bytes(info.file_size), info.architecture, str(info.n_layer),
-            str(info.n_ctx_train), info.quantization,
-            "yes" if info.chat_template else "no", path.name,
-        )  # fmt: skip
+            name,
+            format_bytes(info.file_size),
+            info.architecture,
+            str(info.n_layer),
+            str(info.n_ctx_train),
+            info.quantization,
+            "yes" if info.chat_template else "no",
+            path.name,
+        )
     console.print(table)
     from lmxd.cli.agents import loaded_models_table
 
@@ -150,9 +155,14 @@ def bench() -> None:
 )
 @models_dir_option
 def bench_memory(
-    names: tuple[str, ...], n_ctxs: tuple[int, ...], n_seqs: tuple[int, ...], train_ctx: bool,
-    beyond_training: bool, out: Path | None, models_dir: Path | None,
-) -> None:  # fmt: skip
+    names: tuple[str, ...],
+    n_ctxs: tuple[int, ...],
+    n_seqs: tuple[int, ...],
+    train_ctx: bool,
+    beyond_training: bool,
+    out: Path | None,
+    models_dir: Path | None,
+) -> None:
     """Predicted vs measured bytes, as a markdown table (goal: within 5%, never under)."""
     from lmxd.bench.memory import markdown, run_table
 

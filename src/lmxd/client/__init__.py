@@ -20,7 +20,8 @@ request at a time; a lock makes threads that share it take turns.
 
 from lmxd.client._async import AsyncClient, AsyncDecodeStream
 from lmxd.client._sync import Client, DecodeStream
-from lmxd.client._wire import DecodeResult, Messages, SamplingArgs, StopReason
+from lmxd.client._wire import Messages, SamplingArgs
+from lmxd.results import DecodeResult, StopReason
 
 __all__ = [
     "AsyncClient",

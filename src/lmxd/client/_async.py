@@ -13,7 +13,6 @@ from typing import Any, Self
 
 from lmxd import protocol
 from lmxd.client._wire import (
-    DecodeResult,
     Frame,
     Messages,
     SamplingArgs,
@@ -27,8 +26,9 @@ from lmxd.client._wire import (
     _Streamed,
     _too_long,
     _unreachable,
-)  # fmt: skip
+)
 from lmxd.errors import LmxdError, ProtocolError
+from lmxd.results import DecodeResult
 
 log = logging.getLogger(__name__)
 
@@ -145,27 +145,48 @@ class AsyncClient:
         return await self._request("HELLO")
 
     async def register(
-        self, agent: str, model: str, *, n_ctx: int = 4096, sampling: SamplingArgs | None = None,
+        self,
+        agent: str,
+        model: str,
+        *,
+        n_ctx: int = 4096,
+        sampling: SamplingArgs | None = None,
         system_prompt: str | None = None,
-    ) -> Frame:  # fmt: skip
+    ) -> Frame:
         """Register ``agent`` on ``model`` (a catalog name or a .gguf path)."""
         return await self._request(
-            "REGISTER", agent=agent, model=model, n_ctx=n_ctx, sampling=sampling,
+            "REGISTER",
+            agent=agent,
+            model=model,
+            n_ctx=n_ctx,
+            sampling=sampling,
             system_prompt=system_prompt,
-        )  # fmt: skip
+        )
 
     async def decode(
-        self, agent: str, prompt: str | None = None, *, messages: Messages | None = None,
-        max_tokens: int = 256, sampling: SamplingArgs | None = None, stop: Sequence[str] = (),
-    ) -> DecodeResult:  # fmt: skip
+        self,
+        agent: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        sampling: SamplingArgs | None = None,
+        stop: Sequence[str] = (),
+    ) -> DecodeResult:
         """Continue ``agent``'s conversation with a raw ``prompt`` or chat ``messages``."""
         fields = _decode_fields(agent, prompt, messages, max_tokens, sampling, stop)
         return _decode_result(await self._request("DECODE", **fields))
 
     def stream(
-        self, agent: str, prompt: str | None = None, *, messages: Messages | None = None,
-        max_tokens: int = 256, sampling: SamplingArgs | None = None, stop: Sequence[str] = (),
-    ) -> AsyncDecodeStream:  # fmt: skip
+        self,
+        agent: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        sampling: SamplingArgs | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncDecodeStream:
         """Like :meth:`decode`, as text pieces while they are generated."""
         fields = _decode_fields(agent, prompt, messages, max_tokens, sampling, stop)
         return AsyncDecodeStream(self, fields)

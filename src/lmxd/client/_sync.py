@@ -12,7 +12,6 @@ from typing import Any, Self
 
 from lmxd import protocol
 from lmxd.client._wire import (
-    DecodeResult,
     Frame,
     Messages,
     SamplingArgs,
@@ -26,8 +25,9 @@ from lmxd.client._wire import (
     _Streamed,
     _too_long,
     _unreachable,
-)  # fmt: skip
+)
 from lmxd.errors import DaemonUnavailable, ProtocolError
+from lmxd.results import DecodeResult
 
 
 class Client:
@@ -139,25 +139,46 @@ class Client:
         return self._request("HELLO")
 
     def register(
-        self, agent: str, model: str, *, n_ctx: int = 4096, sampling: SamplingArgs | None = None,
+        self,
+        agent: str,
+        model: str,
+        *,
+        n_ctx: int = 4096,
+        sampling: SamplingArgs | None = None,
         system_prompt: str | None = None,
-    ) -> Frame:  # fmt: skip
+    ) -> Frame:
         return self._request(
-            "REGISTER", agent=agent, model=model, n_ctx=n_ctx, sampling=sampling,
+            "REGISTER",
+            agent=agent,
+            model=model,
+            n_ctx=n_ctx,
+            sampling=sampling,
             system_prompt=system_prompt,
-        )  # fmt: skip
+        )
 
     def decode(
-        self, agent: str, prompt: str | None = None, *, messages: Messages | None = None,
-        max_tokens: int = 256, sampling: SamplingArgs | None = None, stop: Sequence[str] = (),
-    ) -> DecodeResult:  # fmt: skip
+        self,
+        agent: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        sampling: SamplingArgs | None = None,
+        stop: Sequence[str] = (),
+    ) -> DecodeResult:
         fields = _decode_fields(agent, prompt, messages, max_tokens, sampling, stop)
         return _decode_result(self._request("DECODE", **fields))
 
     def stream(
-        self, agent: str, prompt: str | None = None, *, messages: Messages | None = None,
-        max_tokens: int = 256, sampling: SamplingArgs | None = None, stop: Sequence[str] = (),
-    ) -> DecodeStream:  # fmt: skip
+        self,
+        agent: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        sampling: SamplingArgs | None = None,
+        stop: Sequence[str] = (),
+    ) -> DecodeStream:
         fields = _decode_fields(agent, prompt, messages, max_tokens, sampling, stop)
         return DecodeStream(self, fields)
 

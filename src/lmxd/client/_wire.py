@@ -6,34 +6,18 @@ Shared by the blocking and the asyncio clients; nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from lmxd import protocol
 from lmxd.errors import DaemonUnavailable, LineTooLong, LmxdError, ProtocolError
+from lmxd.results import DecodeResult
 
 Frame = dict[str, Any]
-StopReason = Literal["eos", "stop", "length", "context", "cancelled"]
 Messages = list[dict[str, str]]  # [{"role": "user", "content": "..."}]
 SamplingArgs = dict[str, Any]  # protocol.Sampling's fields: temperature, top_k, seed...
-
-
-@dataclass(frozen=True)
-class DecodeResult:
-    """The final reply to a DECODE."""
-
-    agent: str
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    stop_reason: StopReason
-    timings_ms: dict[str, float]  # queued, restore, prefill, decode, total
-    restored: bool  # the agent's KV came back from host RAM for this request
-    parked: list[str]  # agents parked to make room for this request
-    tokens_per_s: float
 
 
 def _encode(rid: int, op: str, fields: Frame) -> bytes:
@@ -53,11 +37,21 @@ def _encode(rid: int, op: str, fields: Frame) -> bytes:
 
 
 def _decode_fields(
-    agent: str, prompt: str | None, messages: Messages | None, max_tokens: int,
-    sampling: SamplingArgs | None, stop: Sequence[str],
-) -> Frame:  # fmt: skip
-    return {"agent": agent, "prompt": prompt, "messages": messages, "max_tokens": max_tokens,
-            "sampling": sampling, "stop": list(stop) or None}  # fmt: skip
+    agent: str,
+    prompt: str | None,
+    messages: Messages | None,
+    max_tokens: int,
+    sampling: SamplingArgs | None,
+    stop: Sequence[str],
+) -> Frame:
+    return {
+        "agent": agent,
+        "prompt": prompt,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "sampling": sampling,
+        "stop": list(stop) or None,
+    }
 
 
 def _parse(line: bytes) -> Frame:

@@ -1,4 +1,4 @@
-"""A GGUF model loaded into llama.cpp: weights, vocabulary, chat template.
+"""A GGUF model loaded into llama.cpp: weights, vocabulary, the chat template's source.
 
 A model is loaded once per (file, n_gpu_layers) and shared by every context and agent that
 uses it; :class:`ModelRegistry` counts the references and frees the weights at zero. The file is
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -18,12 +17,6 @@ import llama_cpp
 from lmxd.engine.runtime import Engine
 from lmxd.errors import EngineError, InvalidInput
 from lmxd.modelfile import ModelInfo, read_model_info
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 class Model:
@@ -48,7 +41,9 @@ class Model:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.device_weight_bytes = int(llama_cpp.llama_model_size(ptr))
         template = llama_cpp.llama_model_chat_template(ptr, None)
-        self.chat_template: bytes | None = template or None
+        self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
+        self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
         self.refcount = 0
 
     @property
@@ -85,34 +80,19 @@ class Model:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
-        """Render messages with the GGUF's own chat template, ending on the assistant's turn."""
-        if self.chat_template is None:
-            raise InvalidInput(
-                f"model {self.info.name!r} has no chat template: send a plain prompt instead",
-                model=self.info.name,
-            )
-        if not messages:
-            raise InvalidInput("a chat needs at least one message")
-        keep = [(m.role.encode(), m.content.encode()) for m in messages]
-        chat = (llama_cpp.llama_chat_message * len(keep))(
-            *(llama_cpp.llama_chat_message(role, content) for role, content in keep)
-        )
-        capacity = 2 * sum(len(r) + len(c) for r, c in keep) + 256
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(capacity)
-            n = llama_cpp.llama_chat_apply_template(
-                self.chat_template, chat, len(keep), True, buf, capacity
-            )
-            if n < 0:
-                raise InvalidInput(
-                    f"llama.cpp does not support the chat template of {self.info.name!r}",
-                    model=self.info.name,
-                )
-            if n <= capacity:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            capacity = n
-        raise EngineError("chat template output kept growing")  # pragma: no cover
+    def check_grammar(self, grammar: str) -> None:
+        """InvalidInput unless llama.cpp's grammar parser takes ``grammar`` (GBNF, root rule
+        ``root``) for this vocabulary."""
+        self.engine.check_thread()
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise InvalidInput("llama.cpp's grammar parser refused the grammar")
+        llama_cpp.llama_sampler_free(sampler)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
 
     def free(self) -> None:
         self.engine.check_thread()

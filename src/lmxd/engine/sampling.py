@@ -22,6 +22,8 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
@@ -32,6 +34,8 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 = off)"),
             (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (0 <= self.seed <= 0xFFFFFFFF, "seed must fit in 32 bits"),
         )
         for ok, message in checks:
@@ -42,16 +46,52 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repeat_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
 
 class Sampler:
-    """A llama.cpp sampler chain for one generation. Engine thread only; call :meth:`free`."""
+    """A llama.cpp sampler chain for one generation. Engine thread only; call :meth:`free`.
 
-    def __init__(self, params: SamplingParams, n_vocab: int, history: Iterable[int] = ()) -> None:
+    A grammar, when given, comes first: it rules out every token that cannot continue the
+    grammar, and what follows picks among the rest (greedy takes the best allowed token).
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab: llama_cpp.llama_vocab_p,
+        n_vocab: int,
+        history: Iterable[int] = (),
+        grammar: str | None = None,
+    ) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._chain = chain
         add = llama_cpp.llama_sampler_chain_add
-        if params.repeat_penalty != 1.0:
-            add(chain, llama_cpp.llama_sampler_init_penalties(
-                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))  # fmt: skip
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            if not constraint:
+                self.free()
+                raise InvalidInput("llama.cpp's grammar parser refused the grammar")
+            add(chain, constraint)
+        if params.penalised:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                n_vocab,
+                params.repeat_last_n,
+                params.repeat_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
+            )
+            # The penalties look back over the conversation, not only over this reply; the
+            # history goes to them alone (a grammar must not see it).
+            for token in history:
+                llama_cpp.llama_sampler_accept(penalties, token)
+            add(chain, penalties)
         if params.greedy:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -61,11 +101,6 @@ class Sampler:
             add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
             add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
-        self._chain = chain
-        if params.repeat_penalty != 1.0:
-            # The penalty looks back over the conversation, not only over this reply.
-            for token in history:
-                llama_cpp.llama_sampler_accept(chain, token)
 
     def sample(self, ctx: llama_cpp.llama_context_p, output_index: int) -> int:
         """Pick the next token from the logits of batch output ``output_index``."""

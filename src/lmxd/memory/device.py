@@ -57,9 +57,13 @@ def _probe_nvml(index: int, pid: int) -> DeviceInfo | None:
             if p.pid == pid
         )
         return DeviceInfo(
-            "cuda", name if isinstance(name, str) else name.decode(), index,
-            int(mem.total), int(mem.free), int(used),
-        )  # fmt: skip
+            "cuda",
+            name if isinstance(name, str) else name.decode(),
+            index,
+            int(mem.total),
+            int(mem.free),
+            int(used),
+        )
     finally:
         pynvml.nvmlShutdown()
 

@@ -1,4 +1,4 @@
-"""An agent's life, and the DECODE jobs it runs.
+"""An agent's life: its states, and what it keeps between DECODEs.
 
 ::
 
@@ -15,19 +15,17 @@ Where the agent's KV is follows from its fields: a sequence id while resident, a
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from lmxd.engine.generate import Generation, StopReason
-from lmxd.engine.model import ChatMessage
+from lmxd.chat.messages import ChatMessage
 from lmxd.engine.sampling import SamplingParams
-from lmxd.errors import LmxdError
 from lmxd.kvstore import ParkedState
 
 if TYPE_CHECKING:
+    from lmxd.scheduler.jobs import Job
     from lmxd.scheduler.slots import ModelSlot
 
 
@@ -69,75 +67,6 @@ _TRANSITIONS: dict[AgentState, set[AgentState]] = {
 }
 
 
-class DecodeTimings:
-    """Milliseconds a job spent in each phase."""
-
-    def __init__(self) -> None:
-        self.submitted = time.perf_counter()
-        self.admitted: float | None = None
-        self.park = 0.0  # parking other agents to make room for this job
-        self.restore = 0.0
-        self.prefill = 0.0
-        self.decode = 0.0
-
-    def as_ms(self) -> dict[str, float]:
-        queued = (self.admitted or time.perf_counter()) - self.submitted
-        total = time.perf_counter() - self.submitted
-        return {
-            "queued": round(queued * 1000, 3),
-            "park": round(self.park * 1000, 3),
-            "restore": round(self.restore * 1000, 3),
-            "prefill": round(self.prefill * 1000, 3),
-            "decode": round(self.decode * 1000, 3),
-            "total": round(total * 1000, 3),
-        }
-
-
-@dataclass(eq=False)
-class Job:
-    """One DECODE request of one agent, from queue to reply."""
-
-    agent: Agent
-    prompt: str | None
-    messages: list[ChatMessage] | None
-    max_tokens: int
-    sampling: SamplingParams
-    stops: list[str]
-    events: asyncio.Queue[str] | None  # streamed text pieces, when the client asked for them
-    done: asyncio.Future[JobResult]
-    pending: list[int] = field(default_factory=list)  # tokens still to prefill
-    prompt_tokens: int = 0  # tokens this job added to the conversation's KV
-    generation: Generation | None = None
-    restored: bool = False
-    parked: list[str] = field(default_factory=list)  # agents parked to make room for this job
-    cancelled: bool = False
-    timings: DecodeTimings = field(default_factory=DecodeTimings)
-
-    def fail(self, exc: LmxdError) -> None:
-        """End the job with an error; a streaming client gets its end of stream too."""
-        if self.events is not None:
-            self.events.put_nowait("")
-        if not self.done.done():
-            self.done.set_exception(exc)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    agent: str
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    stop_reason: StopReason
-    timings_ms: dict[str, float]
-    restored: bool
-    parked: list[str]
-
-    @property
-    def tokens_per_s(self) -> float:
-        decode_s = self.timings_ms["decode"] / 1000
-        return round(self.generated_tokens / decode_s, 2) if decode_s > 0 else 0.0
-
-
 @dataclass(eq=False)  # identity: agents are kept in sets and compared by who they are
 class Agent:
     id: str
@@ -147,6 +76,11 @@ class Agent:
     system_prompt: str | None
     state: AgentState = AgentState.EMPTY
     tokens: list[int] = field(default_factory=list)  # the conversation, in KV or to prefill
+    # The text ``tokens`` spell when the conversation was rendered (chat, or the HTTP API's
+    # whole prompts), and whether the model's BOS went before it. A request whose text
+    # extends it needs only its new text tokenized and prefilled; None after raw prompts.
+    text: str | None = None
+    text_bos: bool = False
     history: list[ChatMessage] = field(default_factory=list)  # chat mode: messages so far
     seq: int | None = None  # sequence id while resident
     parked: ParkedState | None = None  # saved state while parked

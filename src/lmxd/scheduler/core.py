@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmxd import catalog
-from lmxd.engine.generate import StopReason
-from lmxd.engine.model import ChatMessage, ModelRegistry
+from lmxd.chat.messages import ChatMessage
+from lmxd.chat.template import ChatTemplate
+from lmxd.engine.model import ModelRegistry
 from lmxd.engine.runtime import Engine
 from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import (
@@ -38,7 +38,9 @@ from lmxd.errors import (
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial, Request
 from lmxd.modelfile import read_model_info
-from lmxd.scheduler.agents import Agent, AgentState, Job, JobResult
+from lmxd.results import DecodeResult, StopReason
+from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.jobs import DecodeRequest, Job, Piece
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 from lmxd.scheduler.steps import plan_step, prepare, run_steps
@@ -54,6 +56,7 @@ class SchedulerConfig:
     slice_steps: int = 16  # steps one model runs (in one engine call) before the next's turn
     keep_alive_s: float = 300.0  # unload a model this long after its last agent goes
     park_after_decode: bool = False  # testing: park every agent as soon as its job ends
+    stream_timeout_s: float = 30.0  # a stream left full and unread this long is cancelled
 
 
 class Scheduler:
@@ -69,14 +72,18 @@ class Scheduler:
         self._turn = 0  # round-robin position over models
         # Replies wait here until the step's bookkeeping (forced parks included) is done, so a
         # client that asks right after its reply sees the agent where the reply left it.
-        self._replies: list[tuple[Job, JobResult]] = []
+        self._replies: list[tuple[Job, DecodeResult]] = []
 
-    # -- operations (called by the server) ---------------------------------------------------
+    # -- operations (called by the service) --------------------------------------------------
 
     async def register(
-        self, agent_id: str, model: str, n_ctx: int, sampling: SamplingParams,
+        self,
+        agent_id: str,
+        model: str,
+        n_ctx: int,
+        sampling: SamplingParams,
         system_prompt: str | None,
-    ) -> dict[str, object]:  # fmt: skip
+    ) -> Agent:
         async with self._lock:
             if agent_id in self.agents:
                 raise AgentExists(f"agent {agent_id!r} is already registered", agent=agent_id)
@@ -89,8 +96,11 @@ class Scheduler:
             # Admission: would the model and this agent's context fit if every context whose
             # agents are all idle were closed? If not, no amount of parking helps: refuse now.
             alone = self.room.context_request(key, info, n_ctx, 1)
-            evictable = [s.context_reservation for s in self.room.evictable()
-                         if s.context_reservation is not None]  # fmt: skip
+            evictable = [
+                s.context_reservation
+                for s in self.room.evictable()
+                if s.context_reservation is not None
+            ]
             denial = self.ledger.fits(weights, alone, ignoring=evictable)
             if denial is not None:
                 raise denial.error()
@@ -103,23 +113,26 @@ class Scheduler:
             agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt)
             slot.agents[agent_id] = self.agents[agent_id] = agent
             log.info("register agent=%s model=%s n_ctx=%d", agent_id, slot.key, n_ctx)
-            return {"agent": agent_id, "model": slot.key, "n_ctx": n_ctx, "path": str(path)}
+            return agent
 
-    def submit(
-        self, agent_id: str, prompt: str | None, messages: list[ChatMessage] | None,
-        max_tokens: int, sampling: SamplingParams | None, stops: Sequence[str], stream: bool,
-    ) -> Job:  # fmt: skip
+    def submit(self, request: DecodeRequest) -> Job:
         """Queue a DECODE; the job's ``done`` future carries the reply."""
-        agent = self._agent(agent_id)
-        if sum(len(a.jobs) for a in self.agents.values()) >= self.config.max_queue:
-            raise Busy(f"the queue is full ({self.config.max_queue} jobs); try again shortly",
-                       max_queue=self.config.max_queue)  # fmt: skip
+        agent = self._agent(request.agent)
+        if self.queue_depth() >= self.config.max_queue:
+            raise Busy(
+                f"the queue is full ({self.config.max_queue} jobs); try again shortly",
+                max_queue=self.config.max_queue,
+            )
+        if request.max_tokens <= 0:
+            raise InvalidInput("max_tokens must be > 0", max_tokens=request.max_tokens)
+        sampling = SamplingParams(**{**agent.sampling.__dict__, **(request.sampling or {})})
         job = Job(
-            agent=agent, prompt=prompt, messages=messages, max_tokens=max_tokens,
-            sampling=sampling or agent.sampling, stops=list(stops),
-            events=asyncio.Queue() if stream else None,
+            agent=agent,
+            request=request,
+            sampling=sampling,
             done=asyncio.get_running_loop().create_future(),
-        )  # fmt: skip
+            events=asyncio.Queue() if request.stream else None,
+        )
         agent.jobs.append(job)
         if agent.idle:
             agent.move(AgentState.QUEUED)
@@ -131,14 +144,33 @@ class Scheduler:
         job.cancelled = True
         self._wake.set()
 
+    def stream_read(self, job: Job) -> None:
+        """A streamed job's client took a piece: if that unblocked its agent, step it again."""
+        if job.stalled_since is not None and not job.stream_full:
+            job.stalled_since = None
+            self._wake.set()
+
+    def model_path(self, model: str) -> str:
+        """The resolved file a model name or path stands for (UNKNOWN_MODEL, FORBIDDEN)."""
+        return str(self._resolve(model))
+
+    async def check_grammar(self, slot: ModelSlot, grammar: str) -> None:
+        """INVALID_INPUT unless llama.cpp takes ``grammar`` for ``slot``'s vocabulary."""
+        await self.engine.acall(slot.model.check_grammar, grammar)
+
+    def queue_depth(self) -> int:
+        """DECODE jobs waiting or running, all agents together."""
+        return sum(len(a.jobs) for a in self.agents.values())
+
     async def reset(self, agent_id: str) -> dict[str, object]:
         async with self._lock:
             agent = self._agent(agent_id)
             if not agent.idle:
-                raise InvalidInput(f"agent {agent_id!r} is decoding; cancel it or wait",
-                                   agent=agent_id)  # fmt: skip
+                raise InvalidInput(
+                    f"agent {agent_id!r} is decoding; cancel it or wait", agent=agent_id
+                )
             await self.room.drop(agent)
-            agent.tokens, agent.history = [], []
+            agent.tokens, agent.history, agent.text = [], [], None
             if agent.state is AgentState.RESIDENT or agent.state is AgentState.PARKED:
                 agent.move(AgentState.EMPTY)  # QUEUED (a DECODE came meanwhile) stays queued
             await self.room.close_if_unused(agent.slot)
@@ -211,9 +243,34 @@ class Scheduler:
                 await self.engine.acall(agent.jobs[0].generation.cancel)
             self._finish(agent, agent.jobs[0], StopReason.CANCELLED)
             active.remove(agent)
+        active = [a for a in active if not self._stalled(a.jobs[0])]
         if active:
             await self._step(slot, active)
         self._send_replies()
+
+    def _stalled(self, job: Job) -> bool:
+        """True while ``job``'s stream buffer is full: its client is not reading, so its agent
+        sits out (holding its KV) instead of generating text nobody takes. A stream that
+        stays full for stream_timeout_s is cancelled."""
+        if not job.stream_full:
+            job.stalled_since = None
+            return False
+        if job.stalled_since is None:
+            since = job.stalled_since = time.monotonic()
+            log.info("stream full agent=%s: pausing it until its client reads", job.agent.id)
+            asyncio.get_running_loop().call_later(
+                self.config.stream_timeout_s, self._stall_expired, job, since
+            )
+        return True
+
+    def _stall_expired(self, job: Job, since: float) -> None:
+        if job.stalled_since == since and job.stream_full and not job.done.done():
+            log.info(
+                "stream unread for %.0f s agent=%s: cancelled",
+                self.config.stream_timeout_s,
+                job.agent.id,
+            )
+            self.cancel(job)
 
     async def _admit(self, slot: ModelSlot) -> None:
         """Start the queued jobs of ``slot`` whose agents can be made resident now.
@@ -253,15 +310,21 @@ class Scheduler:
             plan = plan.fitted(slot.free_cells())
             if not plan.entries:
                 for agent in active:
-                    self._fail(agent, agent.jobs[0], Busy(
-                        f"model {slot.key}'s KV pool is full of decoding agents; try again",
-                        model=slot.key, pool_cells=slot.pool_cells))  # fmt: skip
+                    self._fail(
+                        agent,
+                        agent.jobs[0],
+                        Busy(
+                            f"model {slot.key}'s KV pool is full of decoding agents; try again",
+                            model=slot.key,
+                            pool_cells=slot.pool_cells,
+                        ),
+                    )
                 return
         loop = asyncio.get_running_loop()
 
-        def emit(job: Job, text: str) -> None:  # on the engine thread
+        def emit(job: Job, piece: Piece) -> None:  # on the engine thread
             if job.events is not None:
-                loop.call_soon_threadsafe(job.events.put_nowait, text)
+                loop.call_soon_threadsafe(job.events.put_nowait, piece)
 
         try:
             await self.engine.acall(run_steps, slot, plan, self.config.slice_steps, emit)
@@ -271,7 +334,9 @@ class Scheduler:
             return
         for agent, _ in plan.entries:
             job = agent.jobs[0]
-            if job.generation is not None and job.generation.done:
+            if job.error is not None:
+                self._fail(agent, job, job.error)
+            elif job.generation is not None and job.generation.done:
                 self._finish(agent, job, job.generation.stop_reason)
         slot.last_used = time.monotonic()
         if self.config.park_after_decode:
@@ -284,16 +349,29 @@ class Scheduler:
     def _finish(self, agent: Agent, job: Job, reason: StopReason | None) -> None:
         gen = job.generation
         text = gen.text if gen is not None else ""
-        if job.messages is not None and gen is not None:
-            system = [ChatMessage("system", agent.system_prompt)] if agent.system_prompt else []
-            agent.history = [*(agent.history or system), *job.messages,
-                             ChatMessage("assistant", text)]  # fmt: skip
-        result = JobResult(
-            agent=agent.id, text=text, prompt_tokens=job.prompt_tokens,
-            generated_tokens=len(gen.tokens) if gen else 0,
-            stop_reason=reason or StopReason.CANCELLED, timings_ms=job.timings.as_ms(),
-            restored=job.restored, parked=job.parked,
-        )  # fmt: skip
+        if job.history is not None:
+            agent.history = [*job.history, ChatMessage("assistant", text)]
+        # What the agent's tokens spell now: the rendered conversation and the reply's tokens
+        # (all of them, the text after a stop string included: they are in the sequence).
+        agent.text = None if job.text is None else job.text + (gen.spelled if gen else "")
+        agent.text_bos = job.add_bos
+        timings = job.timings.as_ms()
+        generated = len(gen.tokens) if gen is not None else 0
+        decode_s = timings["decode"] / 1000
+        wanted_logprobs = gen is not None and job.request.top_logprobs is not None
+        result = DecodeResult(
+            agent=agent.id,
+            text=text,
+            prompt_tokens=job.prompt_tokens,
+            cached_tokens=job.cached_tokens,
+            generated_tokens=generated,
+            stop_reason=reason or StopReason.CANCELLED,
+            timings_ms=timings,
+            restored=job.restored,
+            parked=job.parked,
+            tokens_per_s=round(generated / decode_s, 2) if decode_s > 0 else 0.0,
+            logprobs=gen.logprobs if gen is not None and wanted_logprobs else None,
+        )
         self._end(agent, job)
         self._replies.append((job, result))
 
@@ -305,6 +383,7 @@ class Scheduler:
 
     def _fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
         log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
+        agent.text = None  # its tokens may have changed: tokenize the next prompt afresh
         job.fail(exc)
         if job.generation is not None:  # free its sampler chain, on the engine thread
             self.engine.post(job.generation.cancel)
@@ -314,7 +393,7 @@ class Scheduler:
         """The job leaves the agent, which goes idle where its KV is, or takes its next job."""
         agent.jobs.remove(job)
         if job.events is not None and not stream_ended:
-            job.events.put_nowait("")  # end of stream
+            job.events.put_nowait(None)  # end of stream
         agent.last_used = time.time()
         if agent.seq is not None:
             idle = AgentState.RESIDENT
@@ -332,8 +411,9 @@ class Scheduler:
         return ParkBudgetExceeded(
             f"no room for another agent of {slot.key}: every other agent is busy or cannot be "
             f"parked (parked state uses {store.used} of its {store.budget}-byte budget)",
-            budget_bytes=store.budget, used_bytes=store.used,
-        )  # fmt: skip
+            budget_bytes=store.budget,
+            used_bytes=store.used,
+        )
 
     # -- models ------------------------------------------------------------------------------
 
@@ -365,7 +445,8 @@ class Scheduler:
         except LmxdError:
             self.ledger.release(got[0])
             raise
-        slot = ModelSlot(key, path, model.info, model)
+        chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
+        slot = ModelSlot(key, path, model.info, model, chat)
         slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
         self.room.slots[str(path)] = slot
         log.info("load model=%s bytes=%d", key, got[0].bytes)

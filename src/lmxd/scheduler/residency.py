@@ -20,7 +20,8 @@ from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
-from lmxd.scheduler.agents import Agent, AgentState, Job
+from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.jobs import Job
 from lmxd.scheduler.slots import ModelSlot
 
 log = logging.getLogger("lmxd.scheduler")
@@ -84,8 +85,9 @@ class Residency:
         return Request(f"model:{key}", {"weights": device}, key=f"weights:{info.path}")
 
     def context_request(self, key: str, info: ModelInfo, n_ctx: int, n_seq: int) -> Request:
-        est = estimate(info, n_ctx, n_seq, backend=self.config.backend,
-                       n_ubatch=self.config.n_batch)  # fmt: skip
+        est = estimate(
+            info, n_ctx, n_seq, backend=self.config.backend, n_ubatch=self.config.n_batch
+        )
         parts = {"kv": est.kv, "compute": est.compute}
         if self.config.backend is Backend.CPU:
             parts["output"] = est.output
@@ -93,8 +95,11 @@ class Residency:
 
     def evictable(self, exclude: ModelSlot | None = None) -> list[ModelSlot]:
         """Other models' contexts whose agents are all idle, least recently used first."""
-        slots = [s for s in self.slots.values()
-                 if s is not exclude and s.context is not None and s.all_idle]  # fmt: skip
+        slots = [
+            s
+            for s in self.slots.values()
+            if s is not exclude and s.context is not None and s.all_idle
+        ]
         return sorted(slots, key=lambda s: s.last_used)
 
     async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> bool:
@@ -128,9 +133,13 @@ class Residency:
         self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
     ) -> None:
         cells = -(-n_ctx * n_seq // 256) * 256  # llama.cpp pads to 256; ask for that directly
-        params = ContextParams(n_ctx=cells, n_seq_max=n_seq,
-                               n_batch=self.config.n_batch, n_ubatch=self.config.n_batch,
-                               n_threads=self.config.n_threads)  # fmt: skip
+        params = ContextParams(
+            n_ctx=cells,
+            n_seq_max=n_seq,
+            n_batch=self.config.n_batch,
+            n_ubatch=self.config.n_batch,
+            n_threads=self.config.n_threads,
+        )
         try:
             slot.context = await self.engine.acall(Context, slot.model, params)
         except LmxdError:
@@ -138,8 +147,13 @@ class Residency:
             raise
         slot.context_reservation = res
         slot.seqs = [None] * n_seq
-        log.info("context open model=%s cells=%d seqs=%d bytes=%d",
-                 slot.key, slot.context.n_ctx, n_seq, res.bytes)  # fmt: skip
+        log.info(
+            "context open model=%s cells=%d seqs=%d bytes=%d",
+            slot.key,
+            slot.context.n_ctx,
+            n_seq,
+            res.bytes,
+        )
 
     async def close_if_unused(self, slot: ModelSlot) -> None:
         """Free ``slot``'s context once every agent is idle and none is resident."""
@@ -199,8 +213,14 @@ class Residency:
         if job is not None:
             job.timings.park += elapsed
             job.parked.append(agent.id)
-        log.info("park agent=%s model=%s tokens=%d bytes=%d ms=%.2f", agent.id, slot.key,
-                 state.n_tokens if state else 0, nbytes, elapsed * 1000)  # fmt: skip
+        log.info(
+            "park agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
+            agent.id,
+            slot.key,
+            state.n_tokens if state else 0,
+            nbytes,
+            elapsed * 1000,
+        )
         return True
 
     async def drop(self, agent: Agent) -> None:
@@ -217,8 +237,11 @@ class Residency:
         """More agents than sequences, no free sequence, and none of them busy: the context
         can be closed (every resident parked) and reopened larger without stalling anyone."""
         wanted = min(len(slot.agents), self.config.max_seqs)
-        busy = any(a.state not in (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY,
-                                   AgentState.QUEUED) for a in slot.agents.values())  # fmt: skip
+        busy = any(
+            a.state
+            not in (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY, AgentState.QUEUED)
+            for a in slot.agents.values()
+        )
         return len(slot.seqs) < wanted and slot.free_seq() is None and not busy
 
     async def make_room(self, slot: ModelSlot, cells: int, job: Job) -> bool:
@@ -269,7 +292,11 @@ class Residency:
             self.store.free(state)
             agent.parked = None
             log.info(
-                "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f", agent.id, slot.key,
-                state.n_tokens, state.nbytes, job.timings.restore * 1000,
-            )  # fmt: skip
+                "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
+                agent.id,
+                slot.key,
+                state.n_tokens,
+                state.nbytes,
+                job.timings.restore * 1000,
+            )
         return True

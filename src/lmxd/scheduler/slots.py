@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmxd.chat.template import ChatTemplate
 from lmxd.engine.context import Context
 from lmxd.engine.model import Model
 from lmxd.memory.ledger import Reservation
@@ -28,6 +29,7 @@ class ModelSlot:
     path: Path
     info: ModelInfo
     model: Model
+    chat: ChatTemplate
     agents: dict[str, Agent] = field(default_factory=dict)
     weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
     context: Context | None = None
@@ -63,4 +65,10 @@ class ModelSlot:
 
     @property
     def has_work(self) -> bool:
-        return any(a.state in (AgentState.QUEUED, AgentState.ACTIVE) for a in self.agents.values())
+        """Agents waiting for their turn, or decoding with their stream read (or cancelled):
+        an agent whose client stopped reading waits without taking turns."""
+        return any(
+            a.state is AgentState.QUEUED
+            or (a.state is AgentState.ACTIVE and (not a.jobs[0].stream_full or a.jobs[0].cancelled))
+            for a in self.agents.values()
+        )

@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lmxd.chat.messages import ChatMessage
 from lmxd.engine.context import SeqBatch
 from lmxd.engine.generate import Generation
-from lmxd.engine.model import ChatMessage
-from lmxd.errors import InvalidInput, PromptTooLong
-from lmxd.scheduler.agents import Agent, Job
+from lmxd.errors import InvalidInput, LmxdError, PromptTooLong
+from lmxd.scheduler.agents import Agent
+from lmxd.scheduler.jobs import ChatTurn, Job, Piece, TextPrompt
 from lmxd.scheduler.slots import ModelSlot
 
 
@@ -56,33 +57,53 @@ def plan_step(active: list[Agent], n_batch: int) -> Plan:
     return plan
 
 
+def _conversation(agent: Agent, job: Job) -> list[int]:
+    """Engine thread: the tokens of the whole conversation once this job's prompt is in.
+
+    A rendered conversation that extends the text the agent's tokens spell needs only its new
+    text tokenized: the tokens the model generated stay exactly as they are in KV, even where
+    tokenizing the reply's text afresh would split it differently.
+    """
+    model, prompt = agent.slot.model, job.request.prompt
+    job.stops = job.request.stops
+    if isinstance(prompt, TextPrompt):
+        text = prompt.text
+        if not agent.tokens and agent.system_prompt:
+            text = agent.system_prompt + text
+        return agent.tokens + model.tokenize(text, add_special=not agent.tokens)
+    if isinstance(prompt, ChatTurn):
+        system = [ChatMessage("system", agent.system_prompt)] if agent.system_prompt else []
+        messages = [*(agent.history or system), *prompt.messages]
+        rendered = agent.slot.chat.render(messages)
+    else:
+        messages, rendered = list(prompt.messages), prompt.rendered
+    job.text, job.add_bos, job.history = rendered.text, rendered.add_bos, messages
+    job.stops = (*job.request.stops, *rendered.stops)
+    known = agent.text
+    if known is not None and agent.text_bos == rendered.add_bos and rendered.text.startswith(known):
+        return agent.tokens + model.tokenize(rendered.text[len(known) :], add_special=False)
+    return model.tokenize(rendered.text, add_special=rendered.add_bos)
+
+
 def prepare(agent: Agent, job: Job) -> None:
     """Engine thread: the tokens this job adds to the conversation, checked against n_ctx.
 
-    The agent's conversation continues: what KV already holds is kept and only new tokens are
-    prefilled. In chat mode the whole conversation is rendered with the model's template and
-    compared with the tokens in KV; a tail that differs (a template may render a reply
-    differently from the tokens generated) is dropped and prefilled again.
+    The agent's conversation continues: the longest prefix of the new conversation that KV
+    already holds is kept and only the rest is prefilled (a conversation that diverged, or a
+    reply a template renders differently from the tokens generated, loses only its tail).
     """
-    model, ctx = agent.slot.model, agent.slot.context
+    ctx = agent.slot.context
     assert ctx is not None and agent.seq is not None
-    if job.messages is not None:
-        system = [ChatMessage("system", agent.system_prompt)] if agent.system_prompt else []
-        rendered = model.apply_chat_template([*(agent.history or system), *job.messages])
-        tokens = model.tokenize(rendered, add_special=False)
-    else:
-        text = job.prompt or ""
-        if not agent.tokens and agent.system_prompt:
-            text = agent.system_prompt + text
-        tokens = agent.tokens + model.tokenize(text, add_special=not agent.tokens)
+    tokens = _conversation(agent, job)
     if not tokens:
         raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
     if len(tokens) >= agent.n_ctx:
         raise PromptTooLong(
             f"the conversation would be {len(tokens)} tokens; agent {agent.id!r} has n_ctx "
             f"{agent.n_ctx} (RESET it, or register it with a larger n_ctx)",
-            tokens=len(tokens), n_ctx=agent.n_ctx,
-        )  # fmt: skip
+            tokens=len(tokens),
+            n_ctx=agent.n_ctx,
+        )
     in_kv = ctx.seq_len[agent.seq]
     keep = 0
     while keep < min(in_kv, len(tokens)) and tokens[keep] == agent.tokens[keep]:
@@ -93,9 +114,10 @@ def prepare(agent: Agent, job: Job) -> None:
     agent.tokens = tokens
     job.pending = tokens[keep:]
     job.prompt_tokens = len(job.pending)
+    job.cached_tokens = keep
 
 
-def run_step(slot: ModelSlot, plan: Plan) -> list[tuple[Agent, str]]:
+def run_step(slot: ModelSlot, plan: Plan) -> list[tuple[Agent, Piece]]:
     """Engine thread: one decode over the plan, then sample for every agent that is due."""
     ctx = slot.context
     assert ctx is not None
@@ -114,25 +136,42 @@ def run_step(slot: ModelSlot, plan: Plan) -> list[tuple[Agent, str]]:
             del job.pending[: len(tokens)]
             if job.pending:
                 continue
-            job.generation = Generation(ctx, seq, job.max_tokens, job.sampling, job.stops,
-                                        n_ctx_limit=agent.n_ctx, history=agent.tokens)  # fmt: skip
-        before = len(job.generation.tokens)
-        token, text = job.generation.sample(outs[seq])
-        if len(job.generation.tokens) > before:  # an end-of-generation token is not kept
+            request = job.request
+            try:
+                job.generation = Generation(
+                    ctx,
+                    seq,
+                    request.max_tokens,
+                    job.sampling,
+                    job.stops,
+                    n_ctx_limit=agent.n_ctx,
+                    history=agent.tokens,
+                    grammar=request.grammar,
+                    top_logprobs=request.top_logprobs,
+                )
+            except LmxdError as exc:  # this job's own settings: its batchmates go on
+                job.error = exc
+                continue
+        gen = job.generation
+        before, scored = len(gen.tokens), len(gen.logprobs)
+        token, text = gen.sample(outs[seq])
+        if len(gen.tokens) > before:  # an end-of-generation token is not kept
             agent.tokens.append(token)
-        pieces.append((agent, text))
+        logprobs = tuple(gen.logprobs[scored:])
+        if text or logprobs:
+            pieces.append((agent, Piece(text, logprobs)))
     return pieces
 
 
 def run_steps(
-    slot: ModelSlot, plan: Plan, max_steps: int, emit: Callable[[Job, str], None]
+    slot: ModelSlot, plan: Plan, max_steps: int, emit: Callable[[Job, Piece], None]
 ) -> None:
     """Engine thread: up to ``max_steps`` steps for the same agents, without a round trip to
     the event loop between them (each costs about as much as a small model's step).
 
-    Stops early when a job ends or is cancelled (the scheduler then admits and finishes), or
-    when the next step would need KV cells that only parking can free. Text goes out through
-    ``emit`` as it is sampled.
+    Stops early when a job ends, fails or is cancelled, or its stream fills up (the scheduler
+    then admits, finishes or pauses), or when the next step would need KV cells that only
+    parking can free. Pieces go out through ``emit`` as they are sampled.
     """
     agents = [agent for agent, _ in plan.entries]
     for step in range(max_steps):
@@ -149,11 +188,14 @@ def run_steps(
                 timings.prefill += elapsed
             else:
                 timings.decode += elapsed
-        ended = False
-        for agent, text in pieces:
-            job = agent.jobs[0]
-            if text:
-                emit(job, text)
-            ended = ended or (job.generation is not None and job.generation.done)
-        if ended or any(agent.jobs[0].cancelled for agent in agents):
+        for agent, piece in pieces:
+            emit(agent.jobs[0], piece)
+        if any(_must_yield(agent.jobs[0]) for agent in agents):
             return
+
+
+def _must_yield(job: Job) -> bool:
+    """The scheduler has to see this job before its next step."""
+    gen = job.generation
+    ended = (gen is not None and gen.done) or job.error is not None
+    return ended or job.cancelled or job.stream_full

@@ -1,7 +1,7 @@
 """The article's text protocol, spoken on the same socket (``nc -U`` transcripts work).
 
 One command per line; every answer line starts with ``OK`` or ``ERR``. Told apart from JSON
-lines by the connection's first byte. The commands map onto the same service calls as JSON::
+lines by the connection's first byte. The commands map onto the same Service calls::
 
     REGISTER <agent_id>\\t<gguf path or catalog name>
     DECODE <agent_id> <n_tokens> <prompt text>
@@ -12,13 +12,11 @@ lines by the connection's first byte. The commands map onto the same service cal
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
 
 from lmxd import protocol
 from lmxd.errors import LedgerDenied, LineTooLong, LmxdError, ProtocolError, UnknownOp
-
-if TYPE_CHECKING:
-    from lmxd.server import Connection
+from lmxd.fronts.unix import Connection
+from lmxd.service import DecodeRequest, Service, TextPrompt
 
 SCHEMA = "lmx-daemon/1"
 HELP = [
@@ -40,12 +38,7 @@ def _err(exc: LmxdError) -> str:
     return f"ERR {exc.code} {' '.join(exc.message.split())}"
 
 
-def _kv(fields: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in fields.items())
-
-
-async def _command(conn: Connection, line: str) -> list[str]:
-    svc = conn.service
+async def _command(svc: Service, line: str) -> list[str]:
     verb, _, rest = line.partition(" ")
     verb = verb.upper()
     if verb == "HELP":
@@ -54,18 +47,16 @@ async def _command(conn: Connection, line: str) -> list[str]:
         agent, tab, path = rest.partition("\t")
         if not tab or not protocol.is_agent_id(agent) or not path.strip():
             raise ProtocolError("usage: REGISTER <agent_id>\\t<gguf path>")
-        req = protocol.Register(id=0, agent=agent, model=path.strip(),
-                                n_ctx=svc.limits.default_n_ctx)  # fmt: skip
-        reply = await svc.register(req)
-        return [f"OK registered agent={agent} model={reply['model']}"]
+        got = await svc.register(agent, path.strip())
+        return [f"OK registered agent={agent} model={got.model}"]
     if verb == "DECODE":
         parts = rest.split(" ", 2)
         if len(parts) < 2 or not parts[1].isascii() or not parts[1].isdigit() or int(parts[1]) <= 0:
             raise ProtocolError("usage: DECODE <agent_id> <n_tokens> <prompt text>")
         agent, n_tokens = parts[0], int(parts[1])
-        prompt = parts[2] if len(parts) > 2 else ""
-        job = svc.decode(protocol.Decode(id=0, agent=agent, prompt=prompt, max_tokens=n_tokens))
-        result = await conn.run_job(f"text-{id(job)}", job)
+        prompt = TextPrompt(parts[2] if len(parts) > 2 else "")
+        stream = svc.decode(DecodeRequest(agent=agent, prompt=prompt, max_tokens=n_tokens))
+        result = await stream.result()
         return [
             f"OK schema={SCHEMA}",
             f"OK invoke=DECODE agent_id={agent}",
@@ -81,7 +72,7 @@ async def _command(conn: Connection, line: str) -> list[str]:
     if verb == "UNREGISTER":
         if not protocol.is_agent_id(rest.strip()):
             raise ProtocolError("usage: UNREGISTER <agent_id>")
-        await svc.scheduler.unregister(rest.strip())
+        await svc.unregister(rest.strip())
         return [f"OK unregistered agent={rest.strip()}"]
     if verb == "STATUS":
         s = svc.status()
@@ -94,14 +85,16 @@ async def _command(conn: Connection, line: str) -> list[str]:
             f"queue_depth={s['queue']['depth']}",
         ]
     if verb == "LIST":
-        agents = svc.list_agents()["agents"]
-        lines = [f"OK {_kv({k: a[k] for k in ('agent', 'model', 'state', 'n_ctx', 'tokens')})}"
-                 for a in agents]  # fmt: skip
+        agents = svc.list_agents()
+        lines = [
+            f"OK agent={a.agent} model={a.model} state={a.state} n_ctx={a.n_ctx} tokens={a.tokens}"
+            for a in agents
+        ]
         return [*lines, f"OK agents={len(agents)}"]
     raise UnknownOp(f"unknown command {verb!r}; send HELP")
 
 
-async def serve_text(conn: Connection, first: bytes) -> None:
+async def serve(service: Service, conn: Connection, first: bytes) -> None:
     async for raw in conn.lines(first):
         if isinstance(raw, LineTooLong):
             await conn.send((_err(raw) + "\n").encode())
@@ -113,14 +106,17 @@ async def serve_text(conn: Connection, first: bytes) -> None:
             continue
         if not text.strip():
             continue
-        command = asyncio.ensure_future(_command(conn, text))
+        command = asyncio.ensure_future(_command(service, text))
         # One command at a time, so nothing reads the socket meanwhile: watch for the client
         # leaving (end of stream) so that its DECODE stops instead of running to the end.
-        while not command.done():
-            await asyncio.wait({command}, timeout=0.1)
-            if conn.reader.at_eof() and not command.done():
-                command.cancel()
-                return
+        try:
+            while not command.done():
+                await asyncio.wait({command}, timeout=0.1)
+                if conn.reader.at_eof() and not command.done():
+                    command.cancel()
+                    return
+        finally:
+            command.cancel()  # the daemon is stopping: stop the command too
         try:
             lines = command.result()
         except LmxdError as exc:

@@ -1,0 +1,332 @@
+"""Tools for any model: described in a system message, answered as JSON through a grammar.
+
+Our models' templates know nothing of tools (SmolLM2's is plain ChatML; Gemma 3 270M has
+none), so lmxd does what llama.cpp's server does for such "generic" templates: it lists the
+functions in a system message and constrains the reply with a grammar to one JSON object,
+
+    {"tool_calls": [{"name": "<function>", "arguments": {...}}, ...]}   to call tools, or
+    {"response": "<text for the user>"}                                  to answer,
+
+where each call's ``arguments`` must validate against that function's schema. ``required``
+and a named function allow only the first form (the second restricted to one function);
+``auto`` allows both. The grammar is built from the JSON Schema by llama-cpp-python's
+converter (:func:`grammar_for`), which puts ``name`` before ``arguments``: a streaming reader
+can announce a call as soon as its name is complete (:class:`ReplyReader`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from lmxd.chat.messages import ChatMessage
+from lmxd.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str | None
+    parameters: dict[str, Any]  # the JSON Schema of the arguments
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers and what it demands of the reply."""
+
+    tools: tuple[Tool, ...]
+    required: bool = False  # the reply must call a tool (tool_choice "required" or a name)
+    parallel: bool = True  # more than one call in a reply
+
+    def __post_init__(self) -> None:
+        for tool in self.tools:
+            try:
+                jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
+            except jsonschema.SchemaError as exc:
+                raise InvalidInput(
+                    f"the parameters of tool {tool.name!r} are not a valid JSON Schema: "
+                    f"{exc.message}",
+                    param="tools",
+                ) from exc
+
+    def only(self, name: str) -> ToolUse:
+        """The same offer, narrowed to the one function a named tool_choice names."""
+        chosen = tuple(t for t in self.tools if t.name == name)
+        if not chosen:
+            raise InvalidInput(
+                f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
+            )
+        return ToolUse(chosen, required=True, parallel=self.parallel)
+
+    def system_prompt(self) -> str:
+        """The tools and the reply format, in words. The same text whatever tool_choice says
+        (the grammar enforces it), so that turns of one conversation share their prefix in KV."""
+        listing = [
+            {"name": t.name, "description": t.description or "", "parameters": t.parameters}
+            for t in self.tools
+        ]
+        calls = '{"tool_calls": [{"name": "<tool name>", "arguments": {<arguments>}}]}'
+        return (
+            "You can call these tools (each one's arguments follow its JSON Schema):\n"
+            f"{json.dumps(listing, ensure_ascii=False)}\n\n"
+            f"Reply with one JSON object and nothing else: either {calls} to call tools, "
+            'or {"response": "<your reply>"} to answer directly.'
+        )
+
+    def schema(self, response: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON Schema of a reply; ``response`` is the schema of a direct answer (a
+        string unless the request asked for a JSON format)."""
+        call_schemas = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+            }
+            for t in self.tools
+        ]
+        items = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
+        calls: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
+        if not self.parallel:
+            calls["maxItems"] = 1
+        call = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
+        if self.required:
+            return call
+        answer = {
+            "type": "object",
+            "properties": {"response": response or {"type": "string"}},
+            "required": ["response"],
+        }
+        return {"anyOf": [call, answer]}
+
+
+def with_tool_prompt(messages: Sequence[ChatMessage], use: ToolUse) -> list[ChatMessage]:
+    """The conversation with the tools described in its system message."""
+    prompt = use.system_prompt()
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        merged = f"{first.content}\n\n{prompt}" if first.content else prompt
+        return [ChatMessage("system", merged), *messages[1:]]
+    return [ChatMessage("system", prompt), *messages]
+
+
+def grammar_for(schema: dict[str, Any]) -> str:
+    """GBNF for replies that validate against ``schema``; InvalidInput if it cannot be one."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidInput(f"not a valid JSON Schema: {exc.message}") from exc
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
+        raise InvalidInput(
+            f"this JSON Schema cannot be turned into a grammar: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# -- reading a reply -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    index: int
+    text: str
+
+
+ReplyEvent = TextDelta | CallStarted | ArgumentsDelta
+
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+@dataclass
+class _Container:
+    kind: str  # "{" or "["
+    key: str | None = None  # objects: the key whose value comes next
+    index: int = 0  # arrays: the element being read
+
+
+@dataclass
+class ReplyReader:
+    """Reads the reply format above as it is generated, one piece of text at a time.
+
+    It announces each call when its name is complete and passes its ``arguments`` through as
+    the raw JSON text the model writes, so that the deltas of a streamed reply concatenate to
+    exactly the final arguments. A ``response`` string comes out unescaped.
+    """
+
+    content: str | None = None
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments JSON text)
+    _stack: list[_Container] = field(default_factory=list)
+    _in_string: bool = False
+    _is_key: bool = False
+    _escape: str = ""  # an escape sequence being read, from its backslash
+    _high: str = ""  # a UTF-16 high surrogate waiting for its pair
+    _key: str = ""
+    _target: str | None = None  # what the current value is: "name", "arguments", "response"
+    _capture_depth: int | None = None  # stack depth where a raw capture (arguments) began
+    _in_scalar: bool = False  # inside a number or literal, which a delimiter ends
+    _events: list[ReplyEvent] = field(default_factory=list)
+
+    def feed(self, text: str) -> list[ReplyEvent]:
+        for ch in text:
+            self._char(ch)
+        events, self._events = self._events, []
+        return _merged(events)
+
+    # -- the scanner -----------------------------------------------------------------------
+
+    def _char(self, ch: str) -> None:
+        if self._in_string:
+            self._string_char(ch)
+            return
+        if self._in_scalar:
+            if ch not in ",}] \t\r\n":
+                if self._capture_depth is not None:
+                    self._raw(ch)
+                return
+            self._in_scalar = False
+            self._end_capture_at(len(self._stack))
+        if self._capture_depth is not None:
+            self._raw(ch)
+        top = self._stack[-1] if self._stack else None
+        if ch in " \t\r\n:":
+            return
+        if ch == ",":
+            if top is not None and top.kind == "[":
+                top.index += 1
+            elif top is not None:
+                top.key = None
+            return
+        if ch in "}]":
+            if self._stack:
+                self._stack.pop()
+            self._end_capture_at(len(self._stack))
+            return
+        if ch == '"' and top is not None and top.kind == "{" and top.key is None:
+            self._in_string, self._is_key, self._key = True, True, ""
+            return
+        self._value_starts(ch)
+        if ch in "{[":
+            self._stack.append(_Container(ch))
+        elif ch == '"':
+            self._in_string, self._is_key = True, False
+        else:
+            self._in_scalar = True
+
+    def _end_capture_at(self, depth: int) -> None:
+        if self._capture_depth == depth:
+            self._capture_depth = None
+
+    def _value_starts(self, ch: str) -> None:
+        if self._capture_depth is not None:
+            return
+        self._target = self._where()
+        if self._target == "name" or (self._target == "arguments" and not self.calls):
+            self.calls.append(("", ""))
+        if self._target == "arguments" or (self._target == "response" and ch != '"'):
+            self._capture_depth = len(self._stack)
+            self._raw(ch)
+        elif self._target == "response":
+            self.content = ""
+
+    def _where(self) -> str | None:
+        keys = [(c.kind, c.key) for c in self._stack]
+        if keys == [("{", "response")]:
+            return "response"
+        if len(keys) == 3 and keys[0] == ("{", "tool_calls") and keys[1][0] == "[":
+            return {"name": "name", "arguments": "arguments"}.get(keys[2][1] or "")
+        return None
+
+    def _string_char(self, ch: str) -> None:
+        if self._capture_depth is not None:
+            self._raw(ch)
+        if self._escape:
+            self._escape += ch
+            if self._escape[1] != "u":
+                self._text(_ESCAPES.get(ch, ch))
+                self._escape = ""
+            elif len(self._escape) == 6:
+                self._unicode(int(self._escape[2:], 16))
+                self._escape = ""
+            return
+        if ch == "\\":
+            self._escape = "\\"
+        elif ch == '"':
+            self._in_string = False
+            if self._is_key:
+                self._stack[-1].key = self._key
+            elif self._capture_depth is not None:
+                self._end_capture_at(len(self._stack))
+            elif self._target == "name":
+                index = len(self.calls) - 1
+                self._events.append(CallStarted(index, self.calls[index][0]))
+        else:
+            self._text(ch)
+
+    def _unicode(self, code: int) -> None:
+        if 0xD800 <= code < 0xDC00:
+            self._high = chr(code)
+            return
+        if 0xDC00 <= code < 0xE000 and self._high:
+            pair = (self._high + chr(code)).encode("utf-16", "surrogatepass")
+            self._high = ""
+            self._text(pair.decode("utf-16"))
+            return
+        self._text(chr(code))
+
+    def _text(self, text: str) -> None:
+        """A decoded character of the current string."""
+        if self._is_key:
+            self._key += text
+        elif self._capture_depth is not None:
+            return  # inside arguments: the raw text is what counts
+        elif self._target == "response":
+            self.content = (self.content or "") + text
+            self._events.append(TextDelta(text))
+        elif self._target == "name":
+            name, args = self.calls[-1]
+            self.calls[-1] = (name + text, args)
+
+    def _raw(self, ch: str) -> None:
+        """A character of a raw capture: a call's arguments, or a non-string response."""
+        if self._target == "response":
+            self.content = (self.content or "") + ch
+            self._events.append(TextDelta(ch))
+            return
+        index = len(self.calls) - 1
+        name, args = self.calls[index]
+        self.calls[index] = (name, args + ch)
+        self._events.append(ArgumentsDelta(index, ch))
+
+
+def _merged(events: list[ReplyEvent]) -> list[ReplyEvent]:
+    """Adjacent deltas of the same kind and call joined into one."""
+    out: list[ReplyEvent] = []
+    for e in events:
+        last = out[-1] if out else None
+        if isinstance(e, TextDelta) and isinstance(last, TextDelta):
+            out[-1] = TextDelta(last.text + e.text)
+        elif (
+            isinstance(e, ArgumentsDelta)
+            and isinstance(last, ArgumentsDelta)
+            and last.index == e.index
+        ):
+            out[-1] = ArgumentsDelta(e.index, last.text + e.text)
+        else:
+            out.append(e)
+    return out

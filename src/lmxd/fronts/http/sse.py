@@ -1,0 +1,101 @@
+"""Server-sent events, and noticing a client that went away.
+
+A client that disconnects must stop its generation at the next token, streamed or not, and a
+client that stops reading must not stall anyone: the events come from the DECODE's bounded
+stream buffer, and this response only pulls the next one once the previous is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has disconnected (the request body must have been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def watched(work: Awaitable[T], receive: Receive, on_gone: Callable[[], None]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``on_gone()`` runs and
+    :class:`ClientGone` is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    on_gone()
+    raise ClientGone
+
+
+def event(data: Any) -> bytes:
+    """One unnamed event (the chat and completions streams)."""
+    return b"data: " + _encoder.encode(data) + b"\n\n"
+
+
+def named_event(kind: str, data: Any) -> bytes:
+    """One event with its ``event:`` line (the Responses API's stream)."""
+    return f"event: {kind}\n".encode() + event(data)
+
+
+class EventStream(Response):
+    """``data:`` events from ``events`` (each a JSON value, or bytes already framed), then
+    ``data: [DONE]`` if ``done`` is set. Whatever ends it (the events, a disconnect, the daemon
+    stopping), ``on_close`` runs: it cancels the generation behind the events."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[Any],
+        on_close: Callable[[], None],
+        headers: dict[str, str] | None = None,
+        done: bool = True,
+    ) -> None:
+        self.events = events
+        self.on_close = on_close
+        self.done = done
+        self.status_code = 200
+        self.background = None
+        self.init_headers(
+            {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        pump = asyncio.ensure_future(self._pump(send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, gone):
+                task.cancel()
+            await asyncio.gather(pump, gone, return_exceptions=True)
+            self.on_close()
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            raise pump.exception()  # type: ignore[misc]
+
+    async def _pump(self, send: Send) -> None:
+        async for item in self.events:
+            body = item if isinstance(item, bytes) else event(item)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        tail = b"data: [DONE]\n\n" if self.done else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})

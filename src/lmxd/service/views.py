@@ -1,0 +1,38 @@
+"""The typed values the Service's operations return (besides :class:`lmxd.results.DecodeResult`).
+
+Fronts encode them on their own wire; msgspec turns each into the JSON objects that
+docs/protocol.md documents.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Registered(msgspec.Struct, frozen=True):
+    agent: str
+    model: str  # the key the daemon knows the model by
+    n_ctx: int
+    path: str  # the resolved .gguf file
+
+
+class AgentView(msgspec.Struct, frozen=True):
+    agent: str
+    model: str
+    state: str  # an AgentState value
+    n_ctx: int
+    tokens: int  # tokens of its conversation
+    kv_tokens: int  # of those, held in KV (resident or parked)
+    last_used: float  # Unix time its last DECODE ended, or its registration
+    auto: bool  # created by the HTTP API for a request that named a model
+
+
+class LoadedModel(msgspec.Struct, frozen=True):
+    model: str
+    path: str
+    refcount: int  # agents registered on it
+    weights_bytes: int
+    context_bytes: int
+    n_seq: int
+    pool_cells: int
+    used_cells: int
