@@ -11,13 +11,31 @@ from lmxd.spawn import DaemonProcess
 
 
 class Daemon(DaemonProcess):
-    """A real daemon for a test: models unloaded at once (--keep-alive 0) unless told."""
+    """A real daemon for a test: models unloaded at once (--keep-alive 0) unless told; with
+    ``http``, its HTTP front on a free loopback port (:attr:`http_url`)."""
 
-    def __init__(self, *args: str, socket: Path | None = None) -> None:
-        super().__init__("--keep-alive", "0", *args, socket_path=socket, timeout=60)
+    def __init__(self, *args: str, socket: Path | None = None, http: bool = False) -> None:
+        super().__init__(
+            "--keep-alive",
+            "0",
+            *args,
+            socket_path=socket,
+            timeout=60,
+            http="127.0.0.1:0" if http else "off",
+        )
 
     def wire(self) -> Wire:
         return Wire(self.socket)
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP front's base URL, as the daemon reports it in HELLO."""
+        w = self.wire()
+        try:
+            url: str = w.ok("HELLO")["http"]
+        finally:
+            w.close()
+        return url
 
 
 class Wire:

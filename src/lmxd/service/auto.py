@@ -39,6 +39,7 @@ class AutoAgents:
     limit: int  # auto-agents per model
     ttl_s: float  # idle time after which an auto-agent is unregistered
     _pools: dict[str, list[str]] = field(default_factory=dict)  # model path -> agent ids
+    _pending: set[str] = field(default_factory=set)  # adopted, their REGISTER not done yet
     _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def ids(self) -> set[str]:
@@ -47,9 +48,17 @@ class AutoAgents:
         return {a for pool in self._pools.values() for a in pool if a in agents}
 
     def pool(self, path: str) -> list[Agent]:
+        """``path``'s auto-agents that are registered (forgetting those that went away)."""
         agents = self.scheduler.agents
-        self._pools[path] = [a for a in self._pools.get(path, []) if a in agents]
-        return [agents[a] for a in self._pools[path]]
+        self._pools[path] = [
+            a for a in self._pools.get(path, []) if a in agents or a in self._pending
+        ]
+        return [agents[a] for a in self._pools[path] if a in agents]
+
+    def count(self, path: str) -> int:
+        """``path``'s auto-agents, those being registered included."""
+        self.pool(path)
+        return len(self._pools[path])
 
     def new_id(self, model: str) -> str:
         while True:
@@ -58,8 +67,14 @@ class AutoAgents:
                 return candidate
 
     def adopt(self, path: str, agent_id: str) -> None:
-        """Count ``agent_id`` among ``path``'s auto-agents (TTL and choice apply to it)."""
+        """Count ``agent_id`` among ``path``'s auto-agents (TTL and choice apply to it) from
+        now, while its REGISTER runs: requests arriving meanwhile see the pool's true size."""
         self._pools.setdefault(path, []).append(agent_id)
+        self._pending.add(agent_id)
+
+    def registered(self, agent_id: str) -> None:
+        """Its REGISTER ended (if it failed, the agent is forgotten at the next look)."""
+        self._pending.discard(agent_id)
 
     def pick(self, path: str, text: str, add_bos: bool) -> str | None:
         """The auto-agent to serve a conversation of this text; None: register a new one."""
@@ -72,7 +87,7 @@ class AutoAgents:
         ]
         if continued:
             return max(continued, key=lambda a: len(a.text or "")).id
-        if len(agents) < self.limit:
+        if self.count(path) < self.limit:
             return None
         if idle:
             return max(idle, key=lambda a: (_shared(a, text), -a.last_used)).id

@@ -168,8 +168,8 @@ class Service:
         auto-agents; what that agent's KV holds of the conversation is not prefilled again."""
         agent_id = await self._named_agent(ex)
         path = self._model_path(agent_id, ex.model)
-        if agent_id is None and not self.auto.pool(path):
-            agent_id = await self._new_auto(ex.model, path)
+        if agent_id is None and path not in self.scheduler.room.slots:
+            agent_id = await self._new_auto(ex.model, path)  # loads the model: its template
         slot = self.scheduler.room.slots[path]
         if ex.grammar is not None:
             await self.scheduler.check_grammar(slot, ex.grammar)
@@ -212,8 +212,11 @@ class Service:
                 if not protocol.is_agent_id(ex.agent):
                     raise InvalidInput(f"{ex.agent!r} is not an agent id", agent=ex.agent)
                 path = self.scheduler.model_path(ex.model)
-                await self.register(ex.agent, ex.model)
                 self.auto.adopt(path, ex.agent)
+                try:
+                    await self.register(ex.agent, ex.model)
+                finally:
+                    self.auto.registered(ex.agent)
             return ex.agent
         return ex.model if ex.model in agents else None
 
@@ -227,7 +230,10 @@ class Service:
     async def _new_auto(self, model: str, path: str) -> str:
         agent_id = self.auto.new_id(model)
         self.auto.adopt(path, agent_id)
-        await self.register(agent_id, model)
+        try:
+            await self.register(agent_id, model)
+        finally:
+            self.auto.registered(agent_id)
         log.info("auto-agent agent=%s model=%s", agent_id, model)
         return agent_id
 

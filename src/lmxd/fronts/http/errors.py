@@ -64,7 +64,12 @@ def _shape(exc: LmxdError | HttpError) -> tuple[int, str, str]:
 
 def error_body(exc: LmxdError | HttpError) -> dict[str, object]:
     _, kind, code = _shape(exc)
-    param = exc.param if isinstance(exc, HttpError) else exc.details.get("param")
+    if isinstance(exc, HttpError):
+        param = exc.param
+    elif isinstance(exc, UnknownModel | UnknownAgent):
+        param = "model"
+    else:
+        param = exc.details.get("param")
     return {"error": {"message": exc.message, "type": kind, "code": code, "param": param}}
 
 
