@@ -90,10 +90,8 @@ async def _expire_auto_agents(service: Service) -> None:
         await service.expire_auto_agents()
 
 
-async def run(config: DaemonConfig) -> None:
-    if config.http is not None:
-        check_exposure(config.http)  # before anything is loaded: a refusal is instant
-    claim_socket(config.socket)
+def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
+    """The daemon without its fronts: engine, memory, scheduler, and the Service over them."""
     # llama.cpp's backends first: on the H200 machine, a process that touched NVML before
     # llama.cpp set up CUDA died in its first model load (seen 2026-11-29).
     engine = Engine.get()
@@ -126,7 +124,6 @@ async def run(config: DaemonConfig) -> None:
             stream_timeout_s=config.stream_timeout_s,
         ),
     )
-    stop = asyncio.Event()
     limits = Limits(
         config.max_queue,
         config.default_n_ctx,
@@ -134,7 +131,18 @@ async def run(config: DaemonConfig) -> None:
         config.auto_agents,
         config.auto_agent_ttl_s,
     )
-    service = Service(scheduler, limits, stop.set)
+    return Service(scheduler, limits, on_stop)
+
+
+async def run(config: DaemonConfig) -> None:
+    if config.http is not None:
+        check_exposure(config.http)  # before anything is loaded: a refusal is instant
+    claim_socket(config.socket)
+    stop = asyncio.Event()
+    service = assemble(config, stop.set)
+    scheduler = service.scheduler
+    device, cap = probe_device(), scheduler.ledger.cap
+    backend = scheduler.room.config.backend
     http = HttpFront(service, config.http) if config.http is not None else None
     if http is not None:
         service.http_url = await http.start()

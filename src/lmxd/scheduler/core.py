@@ -338,6 +338,8 @@ class Scheduler:
                 self._fail(agent, job, job.error)
             elif job.generation is not None and job.generation.done:
                 self._finish(agent, job, job.generation.stop_reason)
+            else:
+                self._stalled(job)  # a full stream starts its timeout now
         slot.last_used = time.monotonic()
         if self.config.park_after_decode:
             for agent in slot.idle_residents():

@@ -1,0 +1,103 @@
+"""The Service in this process, over the real engine and models: what no wire can show quickly.
+
+A client that stops reading fills buffers in the kernel and in uvicorn before lmxd's own
+stream buffer; these tests read the Service's stream directly, so that the buffer that decides
+is the daemon's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from lmxd.chat import ChatMessage
+from lmxd.daemon import DaemonConfig, assemble
+from lmxd.results import StopReason
+from lmxd.scheduler.jobs import STREAM_BUFFER
+from lmxd.service import DecodeRequest, Exchange, Service, TextPrompt
+
+T = TypeVar("T")
+
+
+def run_service(models_dir: Path, test: Callable[[Service], Awaitable[T]], **options: object) -> T:
+    config = DaemonConfig(
+        socket=Path("/tmp/unused.sock"),
+        models_dir=models_dir,
+        allowed_dirs=(models_dir,),
+        http=None,
+        keep_alive_s=0,
+        **options,  # type: ignore[arg-type]
+    )
+
+    async def main() -> T:
+        service = assemble(config, lambda: None)
+        loop = asyncio.create_task(service.scheduler.run())
+        try:
+            return await test(service)
+        finally:
+            await service.scheduler.shutdown()
+            loop.cancel()
+
+    return asyncio.run(main())
+
+
+def test_an_unread_stream_pauses_its_agent_only_then_is_cancelled(models_dir: Path) -> None:
+    async def test(svc: Service) -> None:
+        await svc.register("unread", "gemma3-270m", n_ctx=2048)
+        await svc.register("other", "smollm2-135m", n_ctx=512)
+        counting = TextPrompt("1, 2, 3, 4, 5, 6, 7, 8,")  # a base model goes on counting
+        stuck = svc.decode(DecodeRequest("unread", counting, max_tokens=1500, stream=True))
+        tokens: list[int] = []
+        started = time.monotonic()
+        while time.monotonic() - started < 60:
+            await asyncio.sleep(0.25)
+            tokens.append(next(a.tokens for a in svc.list_agents() if a.agent == "unread"))
+            if len(tokens) > 4 and tokens[-1] == tokens[-4]:
+                break  # no new token for 0.75 s: paused
+        # Another agent is served while the unread one waits.
+        other = svc.decode(DecodeRequest("other", TextPrompt("Hello,"), max_tokens=8))
+        assert (await asyncio.wait_for(other.result(), 30)).generated_tokens > 0
+        result = await asyncio.wait_for(stuck.result(), 30)  # --stream-timeout 1
+        assert result.stop_reason is StopReason.CANCELLED
+        # It stopped within a slice of steps past the buffer's bound, far short of max_tokens.
+        assert STREAM_BUFFER <= result.generated_tokens <= STREAM_BUFFER + 16
+        pieces = [piece.text async for piece in stuck.pieces()]
+        assert "".join(pieces) == result.text  # nothing the client was owed was dropped
+        again = svc.decode(DecodeRequest("unread", TextPrompt(" 9,"), max_tokens=4))
+        assert (await asyncio.wait_for(again.result(), 30)).generated_tokens > 0
+
+    run_service(models_dir, test, stream_timeout_s=1.0)
+
+
+def test_auto_agents_continue_conversations_and_respect_their_limit(models_dir: Path) -> None:
+    system = ChatMessage("system", "You are a helpful assistant.")
+
+    async def ask(svc: Service, *messages: ChatMessage) -> tuple[str, str, int]:
+        stream = await svc.exchange(
+            Exchange(model="smollm2-135m", messages=(system, *messages), max_tokens=8)
+        )
+        result = await stream.result()
+        return stream.agent, result.text, result.cached_tokens
+
+    async def test(svc: Service) -> None:
+        q1, q2 = ChatMessage("user", "Name a fruit."), ChatMessage("user", "Name a city.")
+        a1, reply1, _ = await ask(svc, q1)
+        a2, reply2, _ = await ask(svc, q2)
+        assert a1 != a2  # a new conversation gets its own agent while under the limit
+        # Each continued conversation goes back to its own agent, with its KV.
+        b2, _, cached2 = await ask(svc, q2, ChatMessage("assistant", reply2), q1)
+        b1, _, cached1 = await ask(svc, q1, ChatMessage("assistant", reply1), q2)
+        assert (b1, b2) == (a1, a2) and cached1 > 20 and cached2 > 20
+        # At the limit, a new conversation takes the idle agent sharing most of it.
+        a3, _, cached3 = await ask(svc, ChatMessage("user", "Name a colour."))
+        assert a3 in (a1, a2) and cached3 > 0
+        assert sum(a.auto for a in svc.list_agents()) == 2
+        # Idle past their TTL, auto-agents go.
+        svc.auto.ttl_s = 0.0
+        await svc.expire_auto_agents()
+        assert not any(a.auto for a in svc.list_agents())
+
+    run_service(models_dir, test, auto_agents=2)
