@@ -214,6 +214,7 @@ for _name, _doc in (
     ("parking", "Park and restore throughput, raw and through the daemon; restore vs prefill."),
     ("throughput", "Aggregate decode tokens/s through the daemon against raw llama.cpp."),
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
+    ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
 ):
     _bench_command(_name, _doc)
 

@@ -173,7 +173,7 @@ async def _chunks(
     plan: ReplyPlan,
     include_usage: bool,
     logprobs: bool,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[list[dict[str, Any]]]:
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -188,25 +188,30 @@ async def _chunks(
         }
         return {**base, "choices": [choice], **extra}
 
-    yield chunk({"role": "assistant", "content": ""})
+    # One write per piece: its chunks together (the role's with the first piece's).
+    batch = [chunk({"role": "assistant", "content": ""})]
     reader, calls = plan.reader(), Calls()
     async for piece in pieces:
         if reader is None:
-            yield chunk({"content": piece.text}, lp=piece.logprobs)
-            continue
-        events = reader.feed(piece.text)
-        for i, event in enumerate(events):
-            yield chunk(delta_of(event, calls), lp=piece.logprobs if i == 0 else ())
-        if not events and logprobs and piece.logprobs:
-            yield chunk({}, lp=piece.logprobs)
+            batch.append(chunk({"content": piece.text}, lp=piece.logprobs))
+        else:
+            events = reader.feed(piece.text)
+            for i, event in enumerate(events):
+                batch.append(chunk(delta_of(event, calls), lp=piece.logprobs if i == 0 else ()))
+            if not events and logprobs and piece.logprobs:
+                batch.append(chunk({}, lp=piece.logprobs))
+        if batch:
+            yield batch
+            batch = []
     try:
         result = await stream.result()
     except LmxdError as exc:
-        yield error_body(exc)
+        yield [*batch, error_body(exc)]
         return
-    yield chunk({}, finish_reason(result, reader is not None and bool(reader.calls)))
+    batch.append(chunk({}, finish_reason(result, reader is not None and bool(reader.calls))))
     if include_usage:
-        yield {**base, "choices": [], "usage": usage(result)}
+        batch.append({**base, "choices": [], "usage": usage(result)})
+    yield batch
 
 
 # -- completions ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ stream buffer, and this response only pulls the next one once the previous is wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,19 +32,37 @@ async def _disconnected(receive: Receive) -> None:
 
 async def watched(work: Awaitable[T], receive: Receive, on_gone: Callable[[], None]) -> T:
     """``work``'s result, unless the client disconnects first: then ``on_gone()`` runs and
-    :class:`ClientGone` is raised."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
+    :class:`ClientGone` is raised. ``work`` runs in the calling task (a watcher task cancels
+    it), so its result is used without a hop through another task."""
+    async with _watching(receive) as gone:
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
     on_gone()
     raise ClientGone
+
+
+@contextlib.asynccontextmanager
+async def _watching(receive: Receive) -> AsyncIterator[asyncio.Event]:
+    """While inside, a client that disconnects cancels the current task and sets the event."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        await _disconnected(receive)
+        gone.set()
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
+        if gone.is_set():
+            task.uncancel()
 
 
 def event(data: Any) -> bytes:
@@ -57,7 +76,8 @@ def named_event(kind: str, data: Any) -> bytes:
 
 
 class EventStream(Response):
-    """``data:`` events from ``events`` (each a JSON value, or bytes already framed), then
+    """``data:`` events from ``events`` (each a JSON value, a list of them to write at once,
+    or bytes already framed), then
     ``data: [DONE]`` if ``done`` is set. Whatever ends it (the events, a disconnect, the daemon
     stopping), ``on_close`` runs: it cancels the generation behind the events."""
 
@@ -81,21 +101,24 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        pump = asyncio.ensure_future(self._pump(send))
-        gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+            async with _watching(receive) as gone:
+                try:
+                    await self._pump(send)
+                except asyncio.CancelledError:
+                    if not gone.is_set():
+                        raise
         finally:
-            for task in (pump, gone):
-                task.cancel()
-            await asyncio.gather(pump, gone, return_exceptions=True)
             self.on_close()
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            raise pump.exception()  # type: ignore[misc]
 
     async def _pump(self, send: Send) -> None:
         async for item in self.events:
-            body = item if isinstance(item, bytes) else event(item)
+            if isinstance(item, bytes):
+                body = item
+            elif isinstance(item, list):  # events ready together go out in one write
+                body = b"".join(event(value) for value in item)
+            else:
+                body = event(item)
             await send({"type": "http.response.body", "body": body, "more_body": True})
         tail = b"data: [DONE]\n\n" if self.done else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
