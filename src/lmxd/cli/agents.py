@@ -255,8 +255,10 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
         },
     )
     for a in agents:
+        name = f"{a.get('agent')}{' (auto)' if a.get('auto') else ''}"  # made by the HTTP API
         table.add_row(
-            *(str(a.get(k)) for k in ("agent", "model", "state", "n_ctx", "tokens", "kv_tokens")),
+            name,
+            *(str(a.get(k)) for k in ("model", "state", "n_ctx", "tokens", "kv_tokens")),
             _ago(a.get("last_used")),
         )
     console.print(table)

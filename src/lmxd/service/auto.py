@@ -13,7 +13,9 @@ as much of the conversation as possible is already in KV:
 4. else (all busy) the one with the fewest jobs waiting: the request queues behind them.
 
 Auto-agents are ordinary agents to the scheduler (admitted by the ledger, parked, restored);
-an auto-agent idle for ``ttl_s`` is unregistered.
+an auto-agent idle for ``ttl_s`` is unregistered. So is an agent that the X-Lmxd-Agent
+header named into existence (:meth:`AutoAgents.adopt_named`), which is never picked for
+another conversation.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ class AutoAgents:
     ttl_s: float  # idle time after which an auto-agent is unregistered
     _pools: dict[str, list[str]] = field(default_factory=dict)  # model path -> agent ids
     _pending: set[str] = field(default_factory=set)  # adopted, their REGISTER not done yet
+    _named: set[str] = field(default_factory=set)  # created for the X-Lmxd-Agent header
     _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def ids(self) -> set[str]:
         """Every auto-agent still registered (a client may unregister one itself)."""
         agents = self.scheduler.agents
-        return {a for pool in self._pools.values() for a in pool if a in agents}
+        pooled = {a for pool in self._pools.values() for a in pool}
+        return {a for a in pooled | self._named if a in agents}
 
     def pool(self, path: str) -> list[Agent]:
         """``path``'s auto-agents that are registered (forgetting those that went away)."""
@@ -72,6 +76,10 @@ class AutoAgents:
         self._pools.setdefault(path, []).append(agent_id)
         self._pending.add(agent_id)
 
+    def adopt_named(self, agent_id: str) -> None:
+        """An agent the header named: TTL applies, choice does not."""
+        self._named.add(agent_id)
+
     def registered(self, agent_id: str) -> None:
         """Its REGISTER ended (if it failed, the agent is forgotten at the next look)."""
         self._pending.discard(agent_id)
@@ -96,12 +104,11 @@ class AutoAgents:
     def expired(self, now: float | None = None) -> list[str]:
         """Auto-agents idle for longer than the TTL."""
         now = time.time() if now is None else now
-        return [
-            a.id
-            for path in list(self._pools)
-            for a in self.pool(path)
-            if not a.jobs and now - a.last_used > self.ttl_s
-        ]
+        agents = self.scheduler.agents
+        self._named &= set(agents)
+        candidates = [a for path in list(self._pools) for a in self.pool(path)]
+        candidates += [agents[a] for a in self._named]
+        return [a.id for a in candidates if not a.jobs and now - a.last_used > self.ttl_s]
 
 
 def _shared(agent: Agent, text: str) -> int:

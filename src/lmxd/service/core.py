@@ -183,7 +183,10 @@ class Service:
             agent_id = self.auto.pick(path, rendered.text, rendered.add_bos)
             if agent_id is None:
                 agent_id = await self._new_auto(ex.model, path)
-        n_ctx = self.scheduler.agents[agent_id].n_ctx
+        agent = self.scheduler.agents.get(agent_id)
+        if agent is None:  # unregistered while this request waited
+            raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
+        n_ctx = agent.n_ctx
         if ex.max_tokens is not None and ex.max_tokens >= n_ctx:
             raise PromptTooLong(
                 f"max_tokens {ex.max_tokens} is past the context of {n_ctx} tokens",
@@ -211,12 +214,9 @@ class Service:
             if ex.agent not in agents:
                 if not protocol.is_agent_id(ex.agent):
                     raise InvalidInput(f"{ex.agent!r} is not an agent id", agent=ex.agent)
-                path = self.scheduler.model_path(ex.model)
-                self.auto.adopt(path, ex.agent)
-                try:
-                    await self.register(ex.agent, ex.model)
-                finally:
-                    self.auto.registered(ex.agent)
+                named = agents.get(ex.model)  # `model` may name an agent: its model, then
+                await self.register(ex.agent, named.slot.key if named else ex.model)
+                self.auto.adopt_named(ex.agent)
             return ex.agent
         return ex.model if ex.model in agents else None
 

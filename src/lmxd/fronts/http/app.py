@@ -59,7 +59,7 @@ async def _body(request: Request, schema: type[B]) -> B:
             400,
             "invalid_request",
             f"invalid request: {exc}",
-            param=where.group(1) if where else None,
+            param=(where.group(1) or None) if where else None,
         ) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
