@@ -115,6 +115,9 @@ def test_reply_schemas_and_their_grammars() -> None:
         use.only("nope")
     with pytest.raises(InvalidInput, match="not a valid JSON Schema"):
         ToolUse((Tool("f", None, {"type": 12}),))
+    # JSON strings hold no raw control characters (the converter's own rule allowed them).
+    string = grammar_for({"type": "string"})
+    assert r'char ::= [^"\\\x7F\x00-\x1F]' in string and r'[^"\\] |' not in string
     with pytest.raises(InvalidInput, match="cannot be turned into a grammar"):
         grammar_for({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
 

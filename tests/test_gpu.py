@@ -1,9 +1,11 @@
 """On a real GPU (skipped elsewhere): greedy output identical with forced parks, the cap never
-crossed, every ledger byte released. Needs the synthetic shapes in the models directory
-(`lmxd synth qwen2-0.5b`, `lmxd synth llama3.2-1b`): real model files cannot travel there."""
+crossed, every ledger byte released, the HTTP front's grammars beside CUDA decoding. Needs the
+synthetic shapes in the models directory (`lmxd synth qwen2-0.5b`, `lmxd synth llama3.2-1b`):
+real model files cannot travel there."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -105,3 +107,61 @@ def test_unregister_releases_every_ledger_byte_and_the_card_follows(daemon: Daem
     assert (
         used_after < used_loaded - (loaded["ledger"]["reserved"] - after["ledger"]["reserved"]) // 2
     )
+
+
+def test_the_http_front_streams_tools_and_schemas_on_the_gpu() -> None:
+    """The OpenAI API on a CUDA build: grammar-constrained sampling runs beside CUDA decoding
+    (random weights: only the constraints, not the words, can be checked)."""
+    import httpx
+    import jsonschema
+
+    d = Daemon(http=True)
+    try:
+        url = d.http_url + "/v1"
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        model = MODELS[0]
+        with httpx.stream(
+            "POST",
+            f"{url}/chat/completions",
+            timeout=120,
+            json={
+                "model": model,
+                "messages": ask,
+                "max_tokens": 16,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200 and events[-1] == "data: [DONE]"
+        assert '"choices":[],"usage":{"prompt_tokens"' in events[-2]  # the usage chunk
+        schema = {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+        tool = {"type": "function", "function": {"name": "weather", "parameters": schema}}
+        reply = httpx.post(
+            f"{url}/chat/completions",
+            timeout=120,
+            json={
+                "model": model,
+                "messages": ask,
+                "tools": [tool],
+                "tool_choice": "required",
+                "max_tokens": 60,
+                "parallel_tool_calls": False,
+            },
+        ).json()
+        (call,) = reply["choices"][0]["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        reply = httpx.post(
+            f"{url}/chat/completions",
+            timeout=120,
+            json={"model": model, "messages": ask, "max_tokens": 60, "response_format": fmt},
+        ).json()
+        jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), schema)
+    finally:
+        assert d.stop() == 0, d.log()

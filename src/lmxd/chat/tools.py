@@ -121,11 +121,21 @@ def grammar_for(schema: dict[str, Any]) -> str:
     except jsonschema.SchemaError as exc:
         raise InvalidInput(f"not a valid JSON Schema: {exc.message}") from exc
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
         raise InvalidInput(
             f"this JSON Schema cannot be turned into a grammar: {type(exc).__name__}: {exc}"
         ) from exc
+    # llama-cpp-python's converter lets a string hold any character but `"` and `\`; JSON
+    # forbids raw control characters, and a random-weight model on the H200 wrote \x19 into a
+    # json_schema reply that json.loads then refused (2026-11-29). llama.cpp's own converter
+    # excludes them: use its rule.
+    return "\n".join(
+        _JSON_CHAR if line.startswith("char ::= ") else line for line in grammar.splitlines()
+    )
+
+
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
 
 # -- reading a reply -------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class Context:
         if not ptr:
             raise EngineError(
                 f"llama.cpp could not create a context of n_ctx={params.n_ctx} "
-                f"for {model.info.name!r} (out of memory?)",
+                f"for {model.path.name} (out of memory?)",
                 n_ctx=params.n_ctx,
             )
         self.ptr = ptr

@@ -91,7 +91,7 @@ def check_n_ctx(info: ModelInfo, n_ctx: int, beyond_training: bool = False) -> N
         raise ContextSizeError(f"n_ctx must be positive, got {n_ctx}", n_ctx=n_ctx)
     if n_ctx > info.n_ctx_train and not beyond_training:
         raise ContextSizeError(
-            f"n_ctx {n_ctx} is above {info.name!r}'s training context of {info.n_ctx_train}",
+            f"n_ctx {n_ctx} is above the model's training context of {info.n_ctx_train}",
             n_ctx=n_ctx,
             n_ctx_train=info.n_ctx_train,
         )
