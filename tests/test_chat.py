@@ -96,9 +96,16 @@ def test_template_errors_are_invalid_input() -> None:
         ChatTemplate("m", "{% for %}", "", "").render([ChatMessage("user", "x")])
 
 
+TIME = Tool("get_time", None, {"type": "object", "properties": {"tz": {"type": "string"}}})
+
+
 def test_the_tool_prompt_goes_into_the_system_message_and_stays_the_same() -> None:
-    auto, required = ToolUse((WEATHER,)), ToolUse((WEATHER,), required=True)
-    assert auto.system_prompt() == required.system_prompt()  # turns keep one prefix in KV
+    tools = (WEATHER, TIME)
+    uses = [
+        ToolUse.chosen(tools, choice, True) for choice in ("auto", "none", "required", "get_time")
+    ]
+    assert len({use.system_prompt() for use in uses}) == 1  # turns keep one prefix in KV
+    auto = uses[0]
     merged = with_tool_prompt([ChatMessage("system", "Be brief."), ChatMessage("user", "x")], auto)
     assert merged[0].content is not None and merged[0].content.startswith("Be brief.\n\n")
     assert '"get_weather"' in merged[0].content and len(merged) == 2
@@ -106,13 +113,21 @@ def test_the_tool_prompt_goes_into_the_system_message_and_stays_the_same() -> No
     assert added[0].role == "system" and len(added) == 2
 
 
-def test_reply_schemas_and_their_grammars() -> None:
-    use = ToolUse((WEATHER,), parallel=False)
-    assert use.schema()["anyOf"][1]["properties"]["response"] == {"type": "string"}
-    assert use.only("get_weather").schema()["properties"]["tool_calls"]["maxItems"] == 1
-    assert "root ::=" in grammar_for(use.schema())
+def test_reply_schemas_follow_tool_choice() -> None:
+    tools = (WEATHER, TIME)
+    auto = ToolUse.chosen(tools, "auto", parallel=True).schema()
+    assert [set(form["properties"]) for form in auto["anyOf"]] == [{"tool_calls"}, {"response"}]
+    assert ToolUse.chosen(tools, "none", True).schema()["properties"]["response"] == {
+        "type": "string"
+    }
+    required = ToolUse.chosen(tools, "required", parallel=False).schema()
+    assert set(required["properties"]) == {"tool_calls"}
+    assert required["properties"]["tool_calls"]["maxItems"] == 1
+    named = ToolUse.chosen(tools, "get_time", True).schema()["properties"]["tool_calls"]
+    assert named["items"]["properties"]["name"] == {"const": "get_time"}
+    assert "root ::=" in grammar_for(ToolUse.chosen(tools, None, True).schema())
     with pytest.raises(InvalidInput, match="not among the tools"):
-        use.only("nope")
+        ToolUse.chosen(tools, "nope", True)
     with pytest.raises(InvalidInput, match="not a valid JSON Schema"):
         ToolUse((Tool("f", None, {"type": 12}),))
     # JSON strings hold no raw control characters (the converter's own rule allowed them).

@@ -7,6 +7,7 @@ settings (an API key, a queue of one, a short stream timeout) start their own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -58,6 +59,19 @@ def ask(text: str) -> list[dict[str, Any]]:
     return [SYSTEM, {"role": "user", "content": text}]
 
 
+_serial = itertools.count()
+
+
+def fresh() -> dict[str, Any]:
+    """Request options that give the request an agent of its own, with nothing in KV. Greedy
+    replies compare exactly only between requests computed alike: llama.cpp's kernels round
+    differently for batches and KV pools of different sizes, which can flip a near-tied token
+    (seen: the same request on fresh agents gave two different tool arguments as the model's
+    context grew from one sequence to three). So these run on :func:`exact_daemon`, each on a
+    fresh agent."""
+    return {"extra_headers": {"X-Lmxd-Agent": f"fresh-{next(_serial)}"}}
+
+
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
     d = Daemon("--keep-alive", "300", http=True)
@@ -75,9 +89,26 @@ def client(url: str) -> OpenAI:
     return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_plain_and_streamed_chat_give_the_same_reply_and_usage(client: OpenAI) -> None:
+@pytest.fixture(scope="module")
+def exact_daemon() -> Iterator[Daemon]:
+    """A daemon whose contexts hold one sequence, so that they never change shape: the tests
+    that compare greedy replies of different requests run here (see :func:`fresh`)."""
+    d = Daemon("--keep-alive", "300", "--max-seqs", "1", http=True)
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="module")
+def exact(exact_daemon: Daemon) -> OpenAI:
+    url = exact_daemon.http_url
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_plain_and_streamed_chat_give_the_same_reply_and_usage(exact: OpenAI) -> None:
     messages = ask("Name three colours.")
-    plain = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24)
+    plain = exact.chat.completions.create(
+        **fresh(), model="smollm2-135m", messages=messages, max_tokens=24
+    )
     assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-")
     choice = plain.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
@@ -86,7 +117,8 @@ def test_plain_and_streamed_chat_give_the_same_reply_and_usage(client: OpenAI) -
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
     chunks = list(
-        client.chat.completions.create(
+        exact.chat.completions.create(
+            **fresh(),
             model="smollm2-135m",
             messages=messages,
             max_tokens=24,
@@ -105,25 +137,27 @@ def test_plain_and_streamed_chat_give_the_same_reply_and_usage(client: OpenAI) -
     assert all(c.usage is None for c in [*body, finish])
 
 
-def test_stop_strings_cut_the_reply(client: OpenAI) -> None:
+def test_stop_strings_cut_the_reply(exact: OpenAI) -> None:
     messages = ask("Describe the sea in two sentences.")
-    full = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=40)
+    full = exact.chat.completions.create(
+        **fresh(), model="smollm2-135m", messages=messages, max_tokens=40
+    )
     text = full.choices[0].message.content or ""
     assert len(text) > 30
     stop = text[len(text) // 2 : len(text) // 2 + 4]  # spans tokens, most likely
-    cut = client.chat.completions.create(
-        model="smollm2-135m", messages=messages, max_tokens=40, stop=["@@never@@", stop]
+    cut = exact.chat.completions.create(
+        **fresh(), model="smollm2-135m", messages=messages, max_tokens=40, stop=["@@never@@", stop]
     )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[: text.index(stop)]
-    streamed = client.chat.completions.create(
-        model="smollm2-135m", messages=messages, max_tokens=40, stop=stop, stream=True
+    streamed = exact.chat.completions.create(
+        **fresh(), model="smollm2-135m", messages=messages, max_tokens=40, stop=stop, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == text[: text.index(stop)]
 
 
-def test_greedy_output_over_http_is_the_socket_s(daemon: Daemon, client: OpenAI) -> None:
-    w = daemon.wire()
+def test_greedy_output_over_http_is_the_socket_s(exact_daemon: Daemon, exact: OpenAI) -> None:
+    w = exact_daemon.wire()
     question = "Write one sentence about the moon."
     for agent in ("twin-socket", "twin-http"):
         w.ok(
@@ -140,7 +174,7 @@ def test_greedy_output_over_http_is_the_socket_s(daemon: Daemon, client: OpenAI)
         max_tokens=32,
     )
     w.close()
-    over_http = client.chat.completions.create(
+    over_http = exact.chat.completions.create(
         model="twin-http", messages=[{"role": "user", "content": question}], max_tokens=32
     )
     assert over_http.choices[0].message.content == over_socket["text"]
@@ -148,9 +182,10 @@ def test_greedy_output_over_http_is_the_socket_s(daemon: Daemon, client: OpenAI)
     assert over_http.usage.completion_tokens == over_socket["generated_tokens"]
 
 
-def test_a_seed_gives_the_same_sampled_text_twice(client: OpenAI) -> None:
+def test_a_seed_gives_the_same_sampled_text_twice(exact: OpenAI) -> None:
     def sample(seed: int) -> str:
-        reply = client.chat.completions.create(
+        reply = exact.chat.completions.create(
+            **fresh(),
             model="smollm2-135m",
             messages=ask("Tell me a short story about a cat."),
             max_tokens=24,
@@ -213,9 +248,10 @@ def _validate_call(name: str, arguments: str) -> None:
     ["required", {"type": "function", "function": {"name": "get_time"}}],
     ids=["required", "named"],
 )
-def test_tool_calls_validate_streamed_and_not(client: OpenAI, choice: Any) -> None:
+def test_tool_calls_validate_streamed_and_not(exact: OpenAI, choice: Any) -> None:
     messages = ask("What is the weather in Paris, in celsius?")
-    reply = client.chat.completions.create(
+    reply = exact.chat.completions.create(
+        **fresh(),
         model="smollm2-135m",
         messages=messages,
         tools=[WEATHER, TIME],
@@ -231,7 +267,8 @@ def test_tool_calls_validate_streamed_and_not(client: OpenAI, choice: Any) -> No
         assert {c.function.name for c in message.tool_calls} == {"get_time"}
 
     raw = list(
-        client.chat.completions.create(
+        exact.chat.completions.create(
+            **fresh(),
             model="smollm2-135m",
             messages=messages,
             tools=[WEATHER, TIME],
@@ -249,7 +286,8 @@ def test_tool_calls_validate_streamed_and_not(client: OpenAI, choice: Any) -> No
             firsts[d.index] = d
     assert raw[-1].choices[0].finish_reason == "tool_calls"
 
-    with client.chat.completions.stream(
+    with exact.chat.completions.stream(
+        **fresh(),
         model="smollm2-135m",
         messages=messages,
         tools=[WEATHER, TIME],
@@ -296,8 +334,9 @@ def test_a_tool_result_continues_the_conversation(client: OpenAI) -> None:
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
 
 
-def test_responses_plain_streamed_and_with_tools(client: OpenAI) -> None:
-    plain = client.responses.create(
+def test_responses_plain_streamed_and_with_tools(exact: OpenAI) -> None:
+    plain = exact.responses.create(
+        **fresh(),
         model="smollm2-135m",
         instructions=SYSTEM["content"],
         input="Say hello to Ada.",
@@ -306,20 +345,29 @@ def test_responses_plain_streamed_and_with_tools(client: OpenAI) -> None:
     assert plain.object == "response" and plain.status in ("completed", "incomplete")
     assert plain.output_text and plain.usage is not None and plain.usage.output_tokens > 0
 
-    with client.responses.stream(
-        model="smollm2-135m",
-        instructions=SYSTEM["content"],
-        input="Say hello to Ada.",
-        max_output_tokens=24,
-    ) as stream:
-        kinds = [event.type for event in stream]
-        final = stream.get_final_response()
+    events = list(
+        exact.responses.create(
+            **fresh(),
+            model="smollm2-135m",
+            instructions=SYSTEM["content"],
+            input="Say hello to Ada.",
+            max_output_tokens=24,
+            stream=True,
+        )
+    )
+    kinds = [event.type for event in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
-    assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    # OpenAI's last event: response.completed, or response.incomplete at the token limit.
+    assert kinds[-1] == f"response.{plain.status}" and "response.output_text.delta" in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response  # type: ignore[union-attr]
     assert final.output_text == plain.output_text
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == plain.output_text
 
     tool = {"type": "function", **WEATHER["function"]}  # type: ignore[dict-item]
-    called = client.responses.create(
+    called = exact.responses.create(
+        **fresh(),
         model="smollm2-135m",
         input="What is the weather in Oslo, in celsius?",
         tools=[tool],
@@ -330,7 +378,8 @@ def test_responses_plain_streamed_and_with_tools(client: OpenAI) -> None:
     assert calls
     for item in calls:
         _validate_call(item.name, item.arguments)
-    followed = client.responses.create(
+    followed = exact.responses.create(
+        **fresh(),
         model="smollm2-135m",
         tools=[tool],
         tool_choice="none",

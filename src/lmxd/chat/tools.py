@@ -8,10 +8,10 @@ functions in a system message and constrains the reply with a grammar to one JSO
     {"response": "<text for the user>"}                                  to answer,
 
 where each call's ``arguments`` must validate against that function's schema. ``required``
-and a named function allow only the first form (the second restricted to one function);
-``auto`` allows both. The grammar is built from the JSON Schema by llama-cpp-python's
-converter (:func:`grammar_for`), which puts ``name`` before ``arguments``: a streaming reader
-can announce a call as soon as its name is complete (:class:`ReplyReader`).
+and a named function allow only the first form (a named one, calls of that function only);
+``none`` only the second; ``auto`` both. The grammar is built from the JSON Schema by
+llama-cpp-python's converter (:func:`grammar_for`), which puts ``name`` before ``arguments``:
+a streaming reader can announce a call as soon as its name is complete (:class:`ReplyReader`).
 """
 
 from __future__ import annotations
@@ -37,35 +37,46 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolUse:
-    """The tools a request offers and what it demands of the reply."""
+    """The tools a request offers and what its tool_choice allows the reply to be.
+
+    The system message always lists every tool, whatever tool_choice says: the turns of one
+    conversation then share their prefix in KV, and the grammar alone enforces the choice.
+    """
 
     tools: tuple[Tool, ...]
-    required: bool = False  # the reply must call a tool (tool_choice "required" or a name)
+    calls: bool = True  # the reply may call tools
+    answer: bool = True  # the reply may answer directly
+    only: str | None = None  # calls of this function alone (a named tool_choice)
     parallel: bool = True  # more than one call in a reply
 
     def __post_init__(self) -> None:
         for tool in self.tools:
             try:
                 jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
-            except jsonschema.SchemaError as exc:
+            except (jsonschema.SchemaError, RecursionError) as exc:
                 raise InvalidInput(
-                    f"the parameters of tool {tool.name!r} are not a valid JSON Schema: "
-                    f"{exc.message}",
+                    f"the parameters of tool {tool.name!r} are not a valid JSON Schema: {exc}",
                     param="tools",
                 ) from exc
-
-    def only(self, name: str) -> ToolUse:
-        """The same offer, narrowed to the one function a named tool_choice names."""
-        chosen = tuple(t for t in self.tools if t.name == name)
-        if not chosen:
+        if self.only is not None and all(t.name != self.only for t in self.tools):
             raise InvalidInput(
-                f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
+                f"tool_choice names {self.only!r}, which is not among the tools",
+                param="tool_choice",
             )
-        return ToolUse(chosen, required=True, parallel=self.parallel)
+
+    @classmethod
+    def chosen(cls, tools: tuple[Tool, ...], choice: str | None, parallel: bool) -> ToolUse:
+        """``choice``: ``auto`` (or None), ``none``, ``required``, or a function's name."""
+        if choice in (None, "auto"):
+            return cls(tools, parallel=parallel)
+        if choice == "none":
+            return cls(tools, calls=False, parallel=parallel)
+        if choice == "required":
+            return cls(tools, answer=False, parallel=parallel)
+        return cls(tools, answer=False, only=choice, parallel=parallel)
 
     def system_prompt(self) -> str:
-        """The tools and the reply format, in words. The same text whatever tool_choice says
-        (the grammar enforces it), so that turns of one conversation share their prefix in KV."""
+        """The tools and the reply format, in words."""
         listing = [
             {"name": t.name, "description": t.description or "", "parameters": t.parameters}
             for t in self.tools
@@ -81,27 +92,33 @@ class ToolUse:
     def schema(self, response: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON Schema of a reply; ``response`` is the schema of a direct answer (a
         string unless the request asked for a JSON format)."""
-        call_schemas = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                "required": ["name", "arguments"],
-            }
-            for t in self.tools
-        ]
-        items = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
-        calls: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
-        if not self.parallel:
-            calls["maxItems"] = 1
-        call = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
-        if self.required:
-            return call
-        answer = {
-            "type": "object",
-            "properties": {"response": response or {"type": "string"}},
-            "required": ["response"],
-        }
-        return {"anyOf": [call, answer]}
+        forms = []
+        if self.calls:
+            call_schemas = [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "required": ["name", "arguments"],
+                }
+                for t in self.tools
+                if self.only in (None, t.name)
+            ]
+            items = call_schemas[0] if len(call_schemas) == 1 else {"anyOf": call_schemas}
+            calls: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
+            if not self.parallel:
+                calls["maxItems"] = 1
+            forms.append(
+                {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
+            )
+        if self.answer:
+            forms.append(
+                {
+                    "type": "object",
+                    "properties": {"response": response or {"type": "string"}},
+                    "required": ["response"],
+                }
+            )
+        return forms[0] if len(forms) == 1 else {"anyOf": forms}
 
 
 def with_tool_prompt(messages: Sequence[ChatMessage], use: ToolUse) -> list[ChatMessage]:

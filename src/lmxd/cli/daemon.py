@@ -69,7 +69,8 @@ from lmxd.units import parse_bytes
     type=int,
     default=4096,
     show_default=True,
-    help="n_ctx of agents registered without one (the text protocol's REGISTER).",
+    help="n_ctx of agents registered without one: the text protocol's REGISTER, and the "
+    "agents the HTTP API creates.",
 )
 @click.option(
     "--park-after-decode",

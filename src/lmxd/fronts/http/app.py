@@ -54,15 +54,20 @@ async def _body(request: Request, schema: type[B]) -> B:
     try:
         return msgspec.json.decode(bytes(data), type=schema)
     except msgspec.ValidationError as exc:
-        where = re.search(r"at `\$\.?([^`]*)`", str(exc))
         raise HttpError(
-            400,
-            "invalid_request",
-            f"invalid request: {exc}",
-            param=(where.group(1) or None) if where else None,
+            400, "invalid_request", f"invalid request: {exc}", _param(str(exc))
         ) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+
+
+def _param(message: str) -> str | None:
+    """The field a msgspec validation message is about: ``... - at `$.messages[0]` `` and,
+    for a missing field, ``Object missing required field `role` ``."""
+    where = re.search(r"at `\$\.?([^`]*)`", message)
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    parts = [where.group(1) if where else "", missing.group(1) if missing else ""]
+    return ".".join(p for p in parts if p) or None
 
 
 class Api:
@@ -136,6 +141,10 @@ class Api:
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        try:
+            self._authenticate(request)  # a client without the key learns nothing of routes
+        except HttpError as denied:
+            return error_response(denied)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(
             HttpError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")

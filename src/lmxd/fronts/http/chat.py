@@ -115,7 +115,7 @@ async def chat_completions(
         model=body.model,
         agent=_agent_header(request),
         messages=messages,
-        max_tokens=max_tokens(body.max_tokens, body.max_completion_tokens, param="max_tokens"),
+        max_tokens=max_tokens(body.max_tokens, body.max_completion_tokens),
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,
@@ -236,7 +236,7 @@ async def completions(
         model=body.model,
         agent=_agent_header(request),
         prompt=prompt,
-        max_tokens=max_tokens(body.max_tokens, param="max_tokens"),
+        max_tokens=max_tokens(body.max_tokens),
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,

@@ -46,14 +46,10 @@ def sampling(**fields: float | int | None) -> dict[str, Any] | None:
     return chosen or None
 
 
-def max_tokens(*limits: int | None, param: str) -> int | None:
-    """The smallest limit given, checked to be positive (None: no limit given)."""
+def max_tokens(*limits: int | None) -> int | None:
+    """The smallest limit given (the schemas check each is positive); None: no limit."""
     given = [n for n in limits if n is not None]
-    if not given:
-        return None
-    if min(given) <= 0:
-        raise InvalidInput(f"{param} must be > 0, got {min(given)}", param=param)
-    return min(given)
+    return min(given) if given else None
 
 
 @dataclass(frozen=True)
@@ -74,10 +70,8 @@ def plan_reply(
     response_schema: dict[str, Any] | None,
 ) -> ReplyPlan:
     """The grammar for a request's tools and response format (both lmxd-enforced)."""
-    if tools and choice != "none":
-        use = ToolUse(tuple(tools), required=choice == "required", parallel=parallel)
-        if choice not in (None, "auto", "required"):
-            use = use.only(choice)
+    if tools:
+        use = ToolUse.chosen(tuple(tools), choice, parallel)
         return ReplyPlan(use, grammar_for(use.schema(response_schema)))
     if choice not in (None, "auto", "none"):
         raise InvalidInput(f"tool_choice {choice!r} needs tools", param="tool_choice")

@@ -3,8 +3,8 @@
 The input items (messages, function calls and their outputs) become a conversation like a
 chat completion's, served the same way. A streamed response sends OpenAI's event sequence:
 ``response.created``, ``response.in_progress``, then per output item ``output_item.added``,
-its content or arguments deltas and ``…done`` events, and ``response.completed`` (or an
-``error`` event). ``previous_response_id`` needs stored responses and is refused.
+its content or arguments deltas and ``…done`` events, and ``response.completed`` (or
+``response.incomplete`` when the token limit cut it, or an ``error`` event). ``previous_response_id`` needs stored responses and is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lmxd.chat.tools import (
     Tool,
     with_tool_prompt,
 )
-from lmxd.errors import InvalidInput, LmxdError
+from lmxd.errors import InvalidInput, LmxdError, PromptTooLong
 from lmxd.fronts.http import schemas
 from lmxd.fronts.http.chat import AGENT_HEADER
 from lmxd.fronts.http.errors import error_body
@@ -119,12 +119,17 @@ async def responses(service: Service, request: Request, body: schemas.ResponsesR
         model=body.model,
         agent=request.headers.get(AGENT_HEADER),
         messages=messages,
-        max_tokens=max_tokens(body.max_output_tokens, param="max_output_tokens"),
+        max_tokens=max_tokens(body.max_output_tokens),
         sampling=sampling(temperature=body.temperature, top_p=body.top_p),
         stream=body.stream,
         grammar=plan.grammar,
     )
-    stream = await service.exchange(exchange)
+    try:
+        stream = await service.exchange(exchange)
+    except PromptTooLong as exc:
+        if exc.details.get("param") == "max_tokens":
+            exc.details["param"] = "max_output_tokens"  # this API's name for it
+        raise
     shell = Shell(body)
     headers = {AGENT_HEADER: stream.agent}
     if not body.stream:
@@ -389,4 +394,5 @@ async def _events(
             yield frame
     for frame in emit.close():
         yield frame
-    yield emit.event("response.completed", response=shell.finished(result, emit.output))
+    final = shell.finished(result, emit.output)
+    yield emit.event(f"response.{final['status']}", response=final)  # completed, incomplete

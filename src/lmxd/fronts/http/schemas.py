@@ -16,6 +16,7 @@ TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=16)]
 FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
 ToolChoiceMode = Literal["auto", "none", "required"]
@@ -92,8 +93,8 @@ class ResponseFormat(_Body):
 class ChatCompletionRequest(_Body):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
@@ -118,7 +119,7 @@ class ChatCompletionRequest(_Body):
 class CompletionRequest(_Body):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     prompt: str | list[str]
-    max_tokens: int | None = 16
+    max_tokens: Positive | None = 16
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
@@ -186,7 +187,7 @@ class ResponsesRequest(_Body):
     tool_choice: ToolChoiceMode | NamedResponseToolChoice | None = None
     parallel_tool_calls: bool | None = None
     stream: bool = False
-    max_output_tokens: int | None = None
+    max_output_tokens: Positive | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     text: TextOptions | None = None
