@@ -35,7 +35,7 @@ WEATHER = Tool(
 def test_smollm2_s_own_template_renders_every_turn(smollm2: Path) -> None:
     info = read_model_info(smollm2)
     template = ChatTemplate("smollm2-135m", info.chat_template, "<|im_start|>", "<|im_end|>")
-    assert template.shows_system and template.shows_tool and not template.plain
+    assert template.shows_system and template.shows_tool
     rendered = template.render(
         [
             ChatMessage("system", "Be brief."),
@@ -130,6 +130,32 @@ def test_reply_schemas_follow_tool_choice() -> None:
         ToolUse.chosen(tools, "nope", True)
     with pytest.raises(InvalidInput, match="not a valid JSON Schema"):
         ToolUse((Tool("f", None, {"type": 12}),))
+    with pytest.raises(InvalidInput, match="nested 30000 deep"):
+        grammar_for({"type": "string", "maxLength": 30000})  # would overflow llama.cpp's stack
+
+
+def test_tool_schemas_keep_their_definitions() -> None:
+    """Pydantic writes nested models into $defs; inside the reply schema they move to its
+    root under the tool's name, and every reference follows."""
+    params = {
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "country": {"$ref": "#/$defs/Code"}},
+                "required": ["city", "country"],
+            },
+            "Code": {"type": "string", "enum": ["FR", "DE"]},
+        },
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}},
+        "required": ["where"],
+    }
+    schema = ToolUse.chosen((Tool("get_weather", None, params),), "required", True).schema()
+    assert set(schema["$defs"]) == {"get_weather.Place", "get_weather.Code"}
+    place = schema["$defs"]["get_weather.Place"]["properties"]["country"]
+    assert place == {"$ref": "#/$defs/get_weather.Code"}
+    grammar = grammar_for(schema)
+    assert '"\\"FR\\""' in grammar  # the enum reached through two references
     # JSON strings hold no raw control characters (the converter's own rule allowed them).
     string = grammar_for({"type": "string"})
     assert r'char ::= [^"\\\x7F\x00-\x1F]' in string and r'[^"\\] |' not in string
@@ -139,6 +165,8 @@ def test_reply_schemas_follow_tool_choice() -> None:
 
 REPLIES: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ('{"response": "Hi \\"you\\" \\u00e9\\ud83d\\ude00\\n"}', 'Hi "you" é😀\n', []),
+    # Lone surrogates (the grammar lets a model write them) cannot be encoded: U+FFFD.
+    ('{"response": "a\\udc00b\\ud83dc\\ud83d"}', "a\ufffdb\ufffdc\ufffd", []),
     ('{ "response" : {"a": [1, 2.5e3, null]} }', '{"a": [1, 2.5e3, null]}', []),
     (
         '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa\\"ris", "n": [1, {}]}},'

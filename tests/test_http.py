@@ -26,6 +26,7 @@ from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+JSON = {"Content-Type": "application/json"}
 WEATHER = {
     "type": "function",
     "function": {
@@ -93,7 +94,7 @@ def client(url: str) -> OpenAI:
 def exact_daemon() -> Iterator[Daemon]:
     """A daemon whose contexts hold one sequence, so that they never change shape: the tests
     that compare greedy replies of different requests run here (see :func:`fresh`)."""
-    d = Daemon("--keep-alive", "300", "--max-seqs", "1", http=True)
+    d = Daemon("--keep-alive", "300", "--max-seqs", "1", "--auto-agents", "64", http=True)
     yield d
     assert d.stop() == 0, d.log()
 
@@ -534,6 +535,45 @@ BAD_BODIES: list[tuple[str, Any, int, str | None]] = [
         "model",
     ),
     ("empty messages", {"model": "smollm2-135m", "messages": []}, 400, "messages"),
+    ("a missing field", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    (
+        "a missing nested field",
+        {"model": "smollm2-135m", "messages": [{"content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "a model name no file can have",
+        {"model": "m" * 5000, "messages": [{"role": "user", "content": "x"}]},
+        404,
+        "model",
+    ),
+    (
+        "a bound that would nest a grammar too deep",
+        {
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 30000}},
+            },
+        },
+        400,
+        None,
+    ),
+    (
+        "a $schema that is no JSON Schema's",
+        {
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"$schema": 5}},
+            },
+        },
+        400,
+        None,
+    ),
     (
         "unknown role",
         {"model": "smollm2-135m", "messages": [{"role": "wizard", "content": "x"}]},
@@ -634,7 +674,9 @@ def test_bad_input_gets_an_openai_shaped_4xx(
                 f"{url}/v1/chat/completions", json={**body, "stream": stream}, timeout=120
             )
         else:
-            response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=120)
+            response = httpx.post(
+                f"{url}/v1/chat/completions", content=body, headers=JSON, timeout=120
+            )
         assert response.status_code == status, (what, response.text)
         error = response.json()["error"]
         assert set(error) == {"message", "type", "code", "param"} and error["message"]
@@ -649,8 +691,19 @@ def test_oversized_bodies_and_unknown_routes(url: str, client: OpenAI) -> None:
         + b"x" * (9 << 20)
         + b'"}]}'
     )
-    response = httpx.post(f"{url}/v1/chat/completions", content=big, timeout=120)
+    response = httpx.post(f"{url}/v1/chat/completions", content=big, headers=JSON, timeout=120)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    body = b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "x"}]}'
+    plain_text = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=120)
+    assert plain_text.status_code == 415  # what a web page can send without asking first
+    for header in ({"Origin": "https://evil.example"}, {"Host": "evil.example"}):
+        foreign = httpx.post(
+            f"{url}/v1/chat/completions", content=body, headers={**JSON, **header}, timeout=120
+        )
+        assert foreign.status_code == 403, header
+        assert foreign.json()["error"]["code"] == "forbidden_origin"
+    local = {"Origin": "http://localhost:3000"}
+    assert httpx.get(f"{url}/v1/models", headers=local).status_code == 200
     missing = httpx.get(f"{url}/v1/nothing-here")
     assert missing.status_code == 404 and "error" in missing.json()
     assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
@@ -676,6 +729,7 @@ def test_an_api_key_is_required_when_set() -> None:
             with pytest.raises(openai.AuthenticationError):
                 bad.models.list()
         assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/no-such-route").status_code == 401  # routes stay unknown
         assert httpx.get(f"{url}/health").status_code == 200  # health checks need no key
     finally:
         assert d.stop() == 0, d.log()
@@ -704,6 +758,25 @@ def test_listening_beyond_loopback_without_a_key_is_refused_at_start_up() -> Non
     )
     assert done.returncode == 2
     assert "without an API key" in done.stderr
+    empty = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmxd.cli",
+            "serve",
+            "--socket",
+            "/tmp/lmxd-never.sock",
+            "--http",
+            f"0.0.0.0:{port}",
+            "--api-key",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "LMXD_API_KEY"},
+    )
+    assert empty.returncode == 2 and "is empty" in empty.stderr
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after() -> None:

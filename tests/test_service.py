@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from lmxd.chat import ChatMessage
+from lmxd.chat import ChatMessage, Tool, ToolUse
 from lmxd.daemon import DaemonConfig, assemble
 from lmxd.results import StopReason
 from lmxd.scheduler.jobs import STREAM_BUFFER
@@ -101,3 +101,49 @@ def test_auto_agents_continue_conversations_and_respect_their_limit(models_dir: 
         assert not any(a.auto for a in svc.list_agents())
 
     run_service(models_dir, test, auto_agents=2)
+
+
+def test_concurrent_requests_respect_the_auto_agent_limit(models_dir: Path) -> None:
+    async def test(svc: Service) -> None:
+        await svc.register("socket-agent", "smollm2-135m", n_ctx=512)  # the model is loaded
+
+        async def ask(i: int) -> str:
+            question = ChatMessage("user", f"Say {i}.")
+            stream = await svc.exchange(
+                Exchange(model="smollm2-135m", messages=(question,), max_tokens=4)
+            )
+            await stream.result()
+            return stream.agent
+
+        served = await asyncio.gather(*(ask(i) for i in range(9)))
+        made = {a.agent for a in svc.list_agents() if a.auto}
+        assert set(served) == made and len(made) == 2  # --auto-agents 2, nine requests
+
+        async def named() -> str:
+            stream = await svc.exchange(
+                Exchange(model="smollm2-135m", agent="pinned", prompt="Hi", max_tokens=2)
+            )
+            await stream.result()
+            return stream.agent
+
+        # Two first uses of one new name at once: one registers it, both use it.
+        assert await asyncio.gather(named(), named()) == ["pinned", "pinned"]
+
+    run_service(models_dir, test, auto_agents=2)
+
+
+def test_a_registered_agent_keeps_its_system_prompt_beside_tools(models_dir: Path) -> None:
+    tool = Tool("get_time", "The time", {"type": "object", "properties": {}})
+
+    async def test(svc: Service) -> None:
+        await svc.register("helper", "smollm2-135m", n_ctx=1024, system_prompt="Be terse.")
+        ask = (ChatMessage("user", "What time is it?"),)
+        stream = await svc.exchange(
+            Exchange(model="helper", messages=ask, tools=ToolUse((tool,)), max_tokens=2)
+        )
+        await stream.result()
+        system = svc.scheduler.agents["helper"].history[0]
+        assert system.role == "system" and system.content is not None
+        assert system.content.startswith("Be terse.\n\n") and '"get_time"' in system.content
+
+    run_service(models_dir, test)

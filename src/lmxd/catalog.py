@@ -149,8 +149,11 @@ def resolve_model(name_or_path: str, directory: Path) -> Path:
     if name_or_path.startswith("synth-") and synth.is_file():
         return synth
     path = Path(name_or_path)
-    if path.suffix == ".gguf" or path.exists():
-        return path
+    try:
+        if path.suffix == ".gguf" or path.exists():
+            return path
+    except (OSError, ValueError) as exc:  # too long for a file name, a NUL byte
+        raise UnknownModel(f"{name_or_path[:200]!r} cannot name a model: {exc}") from exc
     raise UnknownModel(
         f"unknown model {name_or_path!r}: use a catalog name "
         f"({', '.join(CATALOG)}), a synthetic model made by `lmxd synth`, or a .gguf path",

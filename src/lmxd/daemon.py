@@ -173,8 +173,9 @@ async def run(config: DaemonConfig) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
-        # In-flight DECODEs end first (CANCELLED), and their fronts get a moment to say so
-        # before the connections close.
+        # New requests are refused (SHUTTING_DOWN), in-flight DECODEs end (CANCELLED), and
+        # their fronts get a moment to say so before the connections close.
+        service.close()
         await scheduler.shutdown()
         await asyncio.sleep(0.05)
         if http is not None:

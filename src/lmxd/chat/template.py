@@ -81,11 +81,6 @@ class ChatTemplate:
                 ]
             )
 
-    @property
-    def plain(self) -> bool:
-        """True when the model has no template and gets the plain transcript."""
-        return self.source is None
-
     def render(self, messages: Sequence[ChatMessage]) -> Rendered:
         if not messages:
             raise InvalidInput("a chat needs at least one message")

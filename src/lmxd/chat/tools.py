@@ -51,13 +51,7 @@ class ToolUse:
 
     def __post_init__(self) -> None:
         for tool in self.tools:
-            try:
-                jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
-            except (jsonschema.SchemaError, RecursionError) as exc:
-                raise InvalidInput(
-                    f"the parameters of tool {tool.name!r} are not a valid JSON Schema: {exc}",
-                    param="tools",
-                ) from exc
+            check_schema(tool.parameters, f"the parameters of tool {tool.name!r}", "tools")
         if self.only is not None and all(t.name != self.only for t in self.tools):
             raise InvalidInput(
                 f"tool_choice names {self.only!r}, which is not among the tools",
@@ -93,11 +87,12 @@ class ToolUse:
         """The JSON Schema of a reply; ``response`` is the schema of a direct answer (a
         string unless the request asked for a JSON format)."""
         forms = []
+        defs: dict[str, Any] = {}
         if self.calls:
             call_schemas = [
                 {
                     "type": "object",
-                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "properties": {"name": {"const": t.name}, "arguments": _hoisted(t, defs)},
                     "required": ["name", "arguments"],
                 }
                 for t in self.tools
@@ -118,7 +113,34 @@ class ToolUse:
                     "required": ["response"],
                 }
             )
-        return forms[0] if len(forms) == 1 else {"anyOf": forms}
+        schema = forms[0] if len(forms) == 1 else {"anyOf": forms}
+        return {**schema, "$defs": defs} if defs else schema
+
+
+def _hoisted(tool: Tool, defs: dict[str, Any]) -> dict[str, Any]:
+    """``tool``'s parameters, their definitions moved into ``defs`` (the reply schema's root,
+    where ``#/$defs/...`` now points) under the tool's name, and every reference rewritten.
+    Schemas made by pydantic (the Agents SDK, LangChain) keep nested models in ``$defs``."""
+    params = tool.parameters
+    local = {**params.get("definitions", {}), **params.get("$defs", {})}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                for base in ("#/$defs/", "#/definitions/"):
+                    if value.startswith(base):
+                        value = f"#/$defs/{tool.name}.{value[len(base) :]}"
+            out[key] = rewrite(value)
+        return out
+
+    for name, definition in local.items():
+        defs[f"{tool.name}.{name}"] = rewrite(definition)
+    return {k: rewrite(v) for k, v in params.items() if k not in ("$defs", "definitions")}
 
 
 def with_tool_prompt(messages: Sequence[ChatMessage], use: ToolUse) -> list[ChatMessage]:
@@ -131,18 +153,43 @@ def with_tool_prompt(messages: Sequence[ChatMessage], use: ToolUse) -> list[Chat
     return [ChatMessage("system", prompt), *messages]
 
 
-def grammar_for(schema: dict[str, Any]) -> str:
-    """GBNF for replies that validate against ``schema``; InvalidInput if it cannot be one."""
+MAX_GRAMMAR_DEPTH = 1024  # llama.cpp's grammar parser recurses once per nested group
+MAX_GRAMMAR_BYTES = 1 << 20
+
+
+def check_schema(schema: dict[str, Any], what: str, param: str | None = None) -> None:
+    """InvalidInput unless ``schema`` is a valid JSON Schema (whatever the validator throws)."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise InvalidInput(f"not a valid JSON Schema: {exc.message}") from exc
+        raise InvalidInput(
+            f"{what} is not a valid JSON Schema: {exc.message}", param=param
+        ) from exc
+    except Exception as exc:  # "$schema": 5 and friends: TypeError, AttributeError, RecursionError
+        raise InvalidInput(
+            f"{what} is not a valid JSON Schema: {type(exc).__name__}: {exc}", param=param
+        ) from exc
+
+
+def grammar_for(schema: dict[str, Any]) -> str:
+    """GBNF for replies that validate against ``schema``; InvalidInput if it cannot be one."""
+    check_schema(schema, "the schema")
     try:
         grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError...)
         raise InvalidInput(
             f"this JSON Schema cannot be turned into a grammar: {type(exc).__name__}: {exc}"
         ) from exc
+    # The converter writes a bounded repetition (maxLength, maxItems...) as one nested group per
+    # repetition; llama.cpp's parser recurses into each, and a schema with "maxLength": 20000
+    # overflowed the engine thread's stack and killed the daemon (seen 2026-11-29).
+    depth = _depth(grammar)
+    if depth > MAX_GRAMMAR_DEPTH or len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidInput(
+            f"this JSON Schema makes a grammar {len(grammar)} bytes long, nested {depth} deep "
+            f"(at most {MAX_GRAMMAR_BYTES} and {MAX_GRAMMAR_DEPTH}): lower its maxLength, "
+            "maxItems or similar bounds"
+        )
     # llama-cpp-python's converter lets a string hold any character but `"` and `\`; JSON
     # forbids raw control characters, and a random-weight model on the H200 wrote \x19 into a
     # json_schema reply that json.loads then refused (2026-11-29). llama.cpp's own converter
@@ -153,6 +200,31 @@ def grammar_for(schema: dict[str, Any]) -> str:
 
 
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+def _depth(grammar: str) -> int:
+    """The deepest nesting of parentheses in a GBNF text (outside literals and classes)."""
+    depth = deepest = 0
+    quote: str | None = None  # '"' inside a literal, "]" inside a character class
+    escaped = False
+    for ch in grammar:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch == '"':
+            quote = '"'
+        elif ch == "[":
+            quote = "]"
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
 
 
 # -- reading a reply -------------------------------------------------------------------------
@@ -285,6 +357,7 @@ class ReplyReader:
         if self._escape:
             self._escape += ch
             if self._escape[1] != "u":
+                self._lone_surrogate()
                 self._text(_ESCAPES.get(ch, ch))
                 self._escape = ""
             elif len(self._escape) == 6:
@@ -292,8 +365,10 @@ class ReplyReader:
                 self._escape = ""
             return
         if ch == "\\":
-            self._escape = "\\"
-        elif ch == '"':
+            self._escape = "\\"  # a low surrogate may follow: the high one waits for it
+            return
+        self._lone_surrogate()
+        if ch == '"':
             self._in_string = False
             if self._is_key:
                 self._stack[-1].key = self._key
@@ -306,15 +381,23 @@ class ReplyReader:
             self._text(ch)
 
     def _unicode(self, code: int) -> None:
-        if 0xD800 <= code < 0xDC00:
-            self._high = chr(code)
-            return
+        """A \\uXXXX escape; UTF-16 surrogates pair up, and one left alone becomes U+FFFD (a
+        lone surrogate cannot be encoded, and the grammar does not forbid writing one)."""
         if 0xDC00 <= code < 0xE000 and self._high:
             pair = (self._high + chr(code)).encode("utf-16", "surrogatepass")
             self._high = ""
             self._text(pair.decode("utf-16"))
             return
-        self._text(chr(code))
+        self._lone_surrogate()
+        if 0xD800 <= code < 0xDC00:
+            self._high = chr(code)
+        else:
+            self._text("\ufffd" if 0xDC00 <= code < 0xE000 else chr(code))
+
+    def _lone_surrogate(self) -> None:
+        if self._high:
+            self._high = ""
+            self._text("\ufffd")
 
     def _text(self, text: str) -> None:
         """A decoded character of the current string."""

@@ -97,7 +97,8 @@ from lmxd.units import parse_bytes
     type=click.IntRange(1, 256),
     default=8,
     show_default=True,
-    help="Agents the HTTP API may create per model for requests that name a model.",
+    help="Agents the HTTP API may create per model: auto-agents for requests that name a "
+    "model, and agents an X-Lmxd-Agent header names.",
 )
 @click.option(
     "--auto-agent-ttl",

@@ -20,8 +20,6 @@ from lmxd.engine.textstream import StopMatcher, TokenTextDecoder
 from lmxd.errors import InvalidInput
 from lmxd.results import StopReason, TokenLogprob, TopLogprob
 
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-
 
 @dataclass
 class Generation:

@@ -84,6 +84,8 @@ class Model:
         """InvalidInput unless llama.cpp's grammar parser takes ``grammar`` (GBNF, root rule
         ``root``) for this vocabulary."""
         self.engine.check_thread()
+        if not self.ptr:
+            raise EngineError(f"{self.path.name} was unloaded")
         sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
         if not sampler:
             raise InvalidInput("llama.cpp's grammar parser refused the grammar")

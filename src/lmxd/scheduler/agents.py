@@ -81,6 +81,7 @@ class Agent:
     # extends it needs only its new text tokenized and prefilled; None after raw prompts.
     text: str | None = None
     text_bos: bool = False
+    reply_at: int = 0  # where in ``text`` the last reply starts
     history: list[ChatMessage] = field(default_factory=list)  # chat mode: messages so far
     seq: int | None = None  # sequence id while resident
     parked: ParkedState | None = None  # saved state while parked

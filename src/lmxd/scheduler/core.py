@@ -19,30 +19,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmxd import catalog
 from lmxd.chat.messages import ChatMessage
-from lmxd.chat.template import ChatTemplate
-from lmxd.engine.model import ModelRegistry
 from lmxd.engine.runtime import Engine
 from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import (
     AgentExists,
     Busy,
     Cancelled,
-    Forbidden,
     InvalidInput,
     LmxdError,
     ParkBudgetExceeded,
     UnknownAgent,
 )
 from lmxd.memory.estimator import check_n_ctx
-from lmxd.memory.ledger import Denial, Request
+from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
 from lmxd.results import DecodeResult, StopReason
 from lmxd.scheduler.agents import Agent, AgentState
 from lmxd.scheduler.jobs import DecodeRequest, Job, Piece
+from lmxd.scheduler.models import Models
 from lmxd.scheduler.residency import Residency
-from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
+from lmxd.scheduler.slots import ModelSlot
 from lmxd.scheduler.steps import plan_step, prepare, run_steps
 
 log = logging.getLogger("lmxd.scheduler")
@@ -65,9 +62,11 @@ class Scheduler:
         self.room = room
         self.ledger = room.ledger
         self.config = config
-        self.registry = engine.call(ModelRegistry, engine)
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
+        self.models = Models(
+            engine, room, config.models_dir, config.allowed_dirs, config.keep_alive_s, self._lock
+        )
         self._wake = asyncio.Event()
         self._turn = 0  # round-robin position over models
         # Replies wait here until the step's bookkeeping (forced parks included) is done, so a
@@ -87,7 +86,7 @@ class Scheduler:
         async with self._lock:
             if agent_id in self.agents:
                 raise AgentExists(f"agent {agent_id!r} is already registered", agent=agent_id)
-            path = self._resolve(model)
+            path = self.models.resolve(model)
             info = read_model_info(path)
             check_n_ctx(info, n_ctx)
             slot = self.room.slots.get(str(path))
@@ -105,11 +104,11 @@ class Scheduler:
             if denial is not None:
                 raise denial.error()
             if slot is None:
-                slot = await self._load(key, path, weights)
+                slot = await self.models.load(key, path, weights)
             got = self.ledger.try_reserve(weights)
             assert not isinstance(got, Denial)  # the charge is live: another handle is free
             slot.weights[agent_id] = got[0]
-            self._cancel_unload(slot)
+            self.models.cancel_unload(slot)
             agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt)
             slot.agents[agent_id] = self.agents[agent_id] = agent
             log.info("register agent=%s model=%s n_ctx=%d", agent_id, slot.key, n_ctx)
@@ -152,7 +151,7 @@ class Scheduler:
 
     def model_path(self, model: str) -> str:
         """The resolved file a model name or path stands for (UNKNOWN_MODEL, FORBIDDEN)."""
-        return str(self._resolve(model))
+        return str(self.models.resolve(model))
 
     async def check_grammar(self, slot: ModelSlot, grammar: str) -> None:
         """INVALID_INPUT unless llama.cpp takes ``grammar`` for ``slot``'s vocabulary."""
@@ -162,7 +161,7 @@ class Scheduler:
         """DECODE jobs waiting or running, all agents together."""
         return sum(len(a.jobs) for a in self.agents.values())
 
-    async def reset(self, agent_id: str) -> dict[str, object]:
+    async def reset(self, agent_id: str) -> None:
         async with self._lock:
             agent = self._agent(agent_id)
             if not agent.idle:
@@ -174,29 +173,39 @@ class Scheduler:
             if agent.state is AgentState.RESIDENT or agent.state is AgentState.PARKED:
                 agent.move(AgentState.EMPTY)  # QUEUED (a DECODE came meanwhile) stays queued
             await self.room.close_if_unused(agent.slot)
-            return {"agent": agent_id}
 
-    async def unregister(self, agent_id: str) -> dict[str, object]:
+    async def unregister(self, agent_id: str) -> None:
         async with self._lock:
-            agent = self._agent(agent_id)
-            slot = agent.slot
-            # Gone from the tables before the first await: a DECODE arriving meanwhile gets
-            # UNKNOWN_AGENT instead of a place in a queue nobody will serve.
-            del slot.agents[agent_id], self.agents[agent_id]
-            for job in agent.jobs:
-                if job.generation is not None:
-                    await self.engine.acall(job.generation.cancel)
-                job.fail(Cancelled(f"agent {agent_id!r} was unregistered", agent=agent_id))
-            agent.jobs.clear()
-            await self.room.drop(agent)
-            handle = slot.weights.pop(agent_id)
-            if not slot.agents:
-                await self._keep_alive(slot)  # holds the weights before this agent lets go
-            self.ledger.release(handle)
-            if self.room.slots.get(str(slot.path)) is slot:
-                await self.room.close_if_unused(slot)
-            log.info("unregister agent=%s model=%s", agent_id, slot.key)
-            return {"agent": agent_id}
+            await self._unregister(self._agent(agent_id))
+
+    async def unregister_idle(self, agent_id: str, used_before: float) -> bool:
+        """Unregister ``agent_id`` if it is still idle and unused since ``used_before`` (Unix
+        time), checked under the lock: a DECODE submitted meanwhile keeps it registered."""
+        async with self._lock:
+            agent = self.agents.get(agent_id)
+            if agent is None or agent.jobs or agent.last_used > used_before:
+                return False
+            await self._unregister(agent)
+            return True
+
+    async def _unregister(self, agent: Agent) -> None:
+        slot = agent.slot
+        # Gone from the tables before the first await: a DECODE arriving meanwhile gets
+        # UNKNOWN_AGENT instead of a place in a queue nobody will serve.
+        del slot.agents[agent.id], self.agents[agent.id]
+        for job in agent.jobs:
+            if job.generation is not None:
+                await self.engine.acall(job.generation.cancel)
+            job.fail(Cancelled(f"agent {agent.id!r} was unregistered", agent=agent.id))
+        agent.jobs.clear()
+        await self.room.drop(agent)
+        handle = slot.weights.pop(agent.id)
+        if not slot.agents:
+            await self.models.keep_alive(slot)  # holds the weights before this agent lets go
+        self.ledger.release(handle)
+        if self.room.slots.get(str(slot.path)) is slot:
+            await self.room.close_if_unused(slot)
+        log.info("unregister agent=%s model=%s", agent.id, slot.key)
 
     async def shutdown(self) -> None:
         """Fail every job and free every context and model."""
@@ -206,7 +215,7 @@ class Scheduler:
                     job.fail(Cancelled("the daemon is shutting down"))
                 agent.jobs.clear()
             for slot in list(self.room.slots.values()):
-                await self._unload(slot)
+                await self.models.unload(slot)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -257,7 +266,7 @@ class Scheduler:
             return False
         if job.stalled_since is None:
             since = job.stalled_since = time.monotonic()
-            log.info("stream full agent=%s: pausing it until its client reads", job.agent.id)
+            log.debug("stream full agent=%s: pausing it until its client reads", job.agent.id)
             asyncio.get_running_loop().call_later(
                 self.config.stream_timeout_s, self._stall_expired, job, since
             )
@@ -351,12 +360,8 @@ class Scheduler:
     def _finish(self, agent: Agent, job: Job, reason: StopReason | None) -> None:
         gen = job.generation
         text = gen.text if gen is not None else ""
-        if job.history is not None:
-            agent.history = [*job.history, ChatMessage("assistant", text)]
-        # What the agent's tokens spell now: the rendered conversation and the reply's tokens
-        # (all of them, the text after a stop string included: they are in the sequence).
-        agent.text = None if job.text is None else job.text + (gen.spelled if gen else "")
-        agent.text_bos = job.add_bos
+        if job.timings.admitted is not None:  # prepared: its prompt is the conversation now
+            self._remember(agent, job)
         timings = job.timings.as_ms()
         generated = len(gen.tokens) if gen is not None else 0
         decode_s = timings["decode"] / 1000
@@ -376,6 +381,20 @@ class Scheduler:
         )
         self._end(agent, job)
         self._replies.append((job, result))
+
+    def _remember(self, agent: Agent, job: Job) -> None:
+        """What the agent's conversation is once ``job`` is done: its history, and the text its
+        tokens spell (the rendered conversation and every token of the reply, the text after
+        a stop string included: they are in the sequence)."""
+        gen = job.generation
+        if job.history is not None:  # a chat, or a whole conversation; [] for a raw prompt
+            reply = ChatMessage("assistant", gen.text if gen is not None else "")
+            agent.history = [*job.history, reply] if job.history else []
+        if job.text is None:
+            agent.text = None  # raw text appended: tokenize afresh next time
+            return
+        agent.text = job.text + (gen.spelled if gen is not None else "")
+        agent.text_bos, agent.reply_at = job.add_bos, len(job.text)
 
     def _send_replies(self) -> None:
         for job, result in self._replies:
@@ -417,78 +436,8 @@ class Scheduler:
             used_bytes=store.used,
         )
 
-    # -- models ------------------------------------------------------------------------------
-
     def _agent(self, agent_id: str) -> Agent:
         agent = self.agents.get(agent_id)
         if agent is None:
             raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
         return agent
-
-    def _resolve(self, model: str) -> Path:
-        path = catalog.resolve_model(model, self.config.models_dir).resolve()
-        if not any(path.is_relative_to(d.resolve()) for d in self.config.allowed_dirs):
-            raise Forbidden(
-                f"{path} is outside the allowed model directories "
-                f"({', '.join(str(d) for d in self.config.allowed_dirs)})",
-                path=str(path),
-            )
-        return path
-
-    async def _load(self, key: str, path: Path, weights: Request) -> ModelSlot:
-        """Reserve the weights (closing idle contexts if need be), then load the model."""
-        while isinstance(got := self.ledger.try_reserve(weights), Denial):
-            victims = self.room.evictable()
-            if not victims:
-                raise got.error()
-            await self.room.close_context(victims[0])
-        try:
-            model = await self.engine.acall(self.registry.acquire, path)
-        except LmxdError:
-            self.ledger.release(got[0])
-            raise
-        chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
-        slot = ModelSlot(key, path, model.info, model, chat)
-        slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
-        self.room.slots[str(path)] = slot
-        log.info("load model=%s bytes=%d", key, got[0].bytes)
-        return slot
-
-    def _cancel_unload(self, slot: ModelSlot) -> None:
-        if slot.unload_timer is not None:
-            slot.unload_timer.cancel()
-            slot.unload_timer = None
-        keepalive = slot.weights.pop(KEEPALIVE_HOLDER, None)
-        if keepalive is not None:
-            self.ledger.release(keepalive)
-
-    async def _keep_alive(self, slot: ModelSlot) -> None:
-        """No agent refers to ``slot`` any more: unload it after the keep-alive."""
-        got = self.ledger.try_reserve(Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}"))
-        assert not isinstance(got, Denial)  # keyed and live: costs nothing
-        slot.weights[KEEPALIVE_HOLDER] = got[0]
-        if self.config.keep_alive_s <= 0:
-            await self._unload(slot)
-            return
-        slot.unload_timer = asyncio.get_running_loop().call_later(
-            self.config.keep_alive_s, lambda: asyncio.ensure_future(self._unload_expired(slot))
-        )
-
-    async def _unload_expired(self, slot: ModelSlot) -> None:
-        async with self._lock:
-            if not slot.agents and self.room.slots.get(str(slot.path)) is slot:
-                await self._unload(slot)
-
-    async def _unload(self, slot: ModelSlot) -> None:
-        if slot.unload_timer is not None:
-            slot.unload_timer.cancel()
-        if slot.context is not None:
-            for agent in slot.residents():
-                await self.room.drop(agent)
-            await self.room.close_context(slot)
-        await self.engine.acall(self.registry.release, slot.model)
-        for handle in slot.weights.values():
-            self.ledger.release(handle)
-        slot.weights.clear()
-        del self.room.slots[str(slot.path)]
-        log.info("unload model=%s", slot.key)

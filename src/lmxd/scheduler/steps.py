@@ -169,13 +169,17 @@ def run_steps(
     """Engine thread: up to ``max_steps`` steps for the same agents, without a round trip to
     the event loop between them (each costs about as much as a small model's step).
 
-    Stops early when a job ends, fails or is cancelled, or its stream fills up (the scheduler
-    then admits, finishes or pauses), or when the next step would need KV cells that only
-    parking can free. Pieces go out through ``emit`` as they are sampled.
+    Stops early when a job ends, fails or is cancelled (the scheduler then admits or
+    finishes), or when the next step would need KV cells that only parking can free. An agent
+    whose stream fills up sits out the rest of the slice; the others go on. Pieces go out
+    through ``emit`` as they are sampled.
     """
     agents = [agent for agent, _ in plan.entries]
     for step in range(max_steps):
         if step:
+            agents = [agent for agent in agents if not agent.jobs[0].stream_full]
+            if not agents:
+                return
             plan = plan_step(agents, plan.budget)
             if slot.free_cells() < sum(len(t) for _, t in plan.entries):
                 return
@@ -198,4 +202,4 @@ def _must_yield(job: Job) -> bool:
     """The scheduler has to see this job before its next step."""
     gen = job.generation
     ended = (gen is not None and gen.done) or job.error is not None
-    return ended or job.cancelled or job.stream_full
+    return ended or job.cancelled

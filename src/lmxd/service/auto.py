@@ -4,22 +4,25 @@ The OpenAI API resends the whole conversation with every request. When a request
 model rather than an agent, lmxd serves it with one of that model's auto-agents, chosen so that
 as much of the conversation as possible is already in KV:
 
-1. an idle auto-agent whose conversation the request continues (its text is a prefix of the
-   request's): only the new messages are prefilled;
-2. else a new auto-agent, while the model has fewer than ``limit``: other conversations keep
-   their KV;
+1. an idle auto-agent whose last prompt the request holds whole (the request continues that
+   conversation, or retries its last turn): only what follows is prefilled;
+2. else a new auto-agent, while the model has fewer than ``limit`` agents the API made:
+   other conversations keep their KV;
 3. else the idle auto-agent sharing the longest prefix with the request (least recently used
    on a tie): its KV keeps the common prefix and the rest is prefilled;
 4. else (all busy) the one with the fewest jobs waiting: the request queues behind them.
 
+Choosing and submitting happen under one lock per model, so two requests never take the same
+idle agent for two conversations, and an expiring agent is never taken as it goes.
 Auto-agents are ordinary agents to the scheduler (admitted by the ledger, parked, restored);
-an auto-agent idle for ``ttl_s`` is unregistered. So is an agent that the X-Lmxd-Agent
-header named into existence (:meth:`AutoAgents.adopt_named`), which is never picked for
-another conversation.
+one idle for ``ttl_s`` is unregistered. So is an agent that the X-Lmxd-Agent header named into
+existence (:meth:`AutoAgents.adopt_named`), which counts against ``limit`` but is never chosen
+for another conversation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -35,34 +38,49 @@ def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "-", stem).strip("-._")[:40] or "model"
 
 
+def shared(a: str, b: str) -> int:
+    """The length of the common prefix of two texts (a binary search over C-level slice
+    compares: conversations are thousands of characters and this runs on the event loop)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 @dataclass
 class AutoAgents:
     scheduler: Scheduler
-    limit: int  # auto-agents per model
-    ttl_s: float  # idle time after which an auto-agent is unregistered
-    _pools: dict[str, list[str]] = field(default_factory=dict)  # model path -> agent ids
-    _pending: set[str] = field(default_factory=set)  # adopted, their REGISTER not done yet
-    _named: set[str] = field(default_factory=set)  # created for the X-Lmxd-Agent header
+    limit: int  # agents the API makes, per model
+    ttl_s: float  # idle time after which one is unregistered
+    _pools: dict[str, list[str]] = field(default_factory=dict)  # model path -> auto-agent ids
+    _named: dict[str, str] = field(default_factory=dict)  # header-named agent id -> model path
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
+    def lock(self, path: str) -> asyncio.Lock:
+        """Held while a request for the model at ``path`` chooses its agent and submits."""
+        return self._locks.setdefault(path, asyncio.Lock())
+
     def ids(self) -> set[str]:
-        """Every auto-agent still registered (a client may unregister one itself)."""
+        """Every agent the API made that is still registered (a client may unregister one)."""
         agents = self.scheduler.agents
-        pooled = {a for pool in self._pools.values() for a in pool}
-        return {a for a in pooled | self._named if a in agents}
+        made = {a for pool in self._pools.values() for a in pool} | set(self._named)
+        return {a for a in made if a in agents}
 
     def pool(self, path: str) -> list[Agent]:
-        """``path``'s auto-agents that are registered (forgetting those that went away)."""
+        """``path``'s auto-agents (forgetting those that went away)."""
         agents = self.scheduler.agents
-        self._pools[path] = [
-            a for a in self._pools.get(path, []) if a in agents or a in self._pending
-        ]
-        return [agents[a] for a in self._pools[path] if a in agents]
+        self._pools[path] = [a for a in self._pools.get(path, []) if a in agents]
+        return [agents[a] for a in self._pools[path]]
 
     def count(self, path: str) -> int:
-        """``path``'s auto-agents, those being registered included."""
-        self.pool(path)
-        return len(self._pools[path])
+        """Agents the API made for the model at ``path``."""
+        named = [a for a, p in self._named.items() if p == path and a in self.scheduler.agents]
+        return len(self.pool(path)) + len(named)
 
     def new_id(self, model: str) -> str:
         while True:
@@ -71,52 +89,39 @@ class AutoAgents:
                 return candidate
 
     def adopt(self, path: str, agent_id: str) -> None:
-        """Count ``agent_id`` among ``path``'s auto-agents (TTL and choice apply to it) from
-        now, while its REGISTER runs: requests arriving meanwhile see the pool's true size."""
         self._pools.setdefault(path, []).append(agent_id)
-        self._pending.add(agent_id)
 
-    def adopt_named(self, agent_id: str) -> None:
-        """An agent the header named: TTL applies, choice does not."""
-        self._named.add(agent_id)
-
-    def registered(self, agent_id: str) -> None:
-        """Its REGISTER ended (if it failed, the agent is forgotten at the next look)."""
-        self._pending.discard(agent_id)
+    def adopt_named(self, path: str, agent_id: str) -> None:
+        """An agent the header named: the TTL and the limit apply, choice does not."""
+        self._named[agent_id] = path
 
     def pick(self, path: str, text: str, add_bos: bool) -> str | None:
         """The auto-agent to serve a conversation of this text; None: register a new one."""
         agents = self.pool(path)
         idle = [a for a in agents if not a.jobs]
+        held = {a.id: shared(a.text, text) for a in agents if a.text is not None}
         continued = [
-            a
-            for a in idle
-            if a.text is not None and a.text_bos == add_bos and text.startswith(a.text)
+            a for a in idle if a.id in held and a.text_bos == add_bos and held[a.id] >= a.reply_at
         ]
         if continued:
-            return max(continued, key=lambda a: len(a.text or "")).id
-        if self.count(path) < self.limit:
+            return max(continued, key=lambda a: held[a.id]).id
+        if self.count(path) < self.limit or not agents:
             return None
         if idle:
-            return max(idle, key=lambda a: (_shared(a, text), -a.last_used)).id
-        return max(agents, key=lambda a: (-len(a.jobs), _shared(a, text))).id
+            return max(idle, key=lambda a: (held.get(a.id, 0), -a.last_used)).id
+        return max(agents, key=lambda a: (-len(a.jobs), held.get(a.id, 0))).id
 
-    def expired(self, now: float | None = None) -> list[str]:
-        """Auto-agents idle for longer than the TTL."""
+    def expired(self, now: float | None = None) -> list[tuple[str, str, float]]:
+        """(agent id, model path, idle since) of the agents the API made that have been idle
+        for longer than the TTL."""
         now = time.time() if now is None else now
         agents = self.scheduler.agents
-        self._named &= set(agents)
-        candidates = [a for path in list(self._pools) for a in self.pool(path)]
-        candidates += [agents[a] for a in self._named]
-        return [a.id for a in candidates if not a.jobs and now - a.last_used > self.ttl_s]
-
-
-def _shared(agent: Agent, text: str) -> int:
-    """Characters of ``text`` that ``agent``'s conversation starts with too."""
-    known = agent.text or ""
-    n = 0
-    for a, b in zip(known, text, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
+        self._named = {a: p for a, p in self._named.items() if a in agents}
+        made = [(a.id, path) for path in list(self._pools) for a in self.pool(path)]
+        made += list(self._named.items())
+        cutoff = now - self.ttl_s
+        return [
+            (a, path, agents[a].last_used)
+            for a, path in made
+            if not agents[a].jobs and agents[a].last_used < cutoff
+        ]

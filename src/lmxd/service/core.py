@@ -20,12 +20,22 @@ from typing import Any
 from lmxd import __version__, catalog, protocol
 from lmxd.chat.messages import ChatMessage
 from lmxd.chat.template import Rendered
+from lmxd.chat.tools import ToolUse, with_tool_prompt
 from lmxd.engine.sampling import SamplingParams
-from lmxd.errors import Forbidden, InvalidInput, LmxdError, PromptTooLong, UnknownAgent
+from lmxd.errors import (
+    Busy,
+    Forbidden,
+    InvalidInput,
+    LmxdError,
+    PromptTooLong,
+    ShuttingDown,
+    UnknownAgent,
+)
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
 from lmxd.results import DecodeResult
 from lmxd.scheduler import (
+    Agent,
     AgentState,
     Conversation,
     DecodeRequest,
@@ -33,10 +43,12 @@ from lmxd.scheduler import (
     Piece,
     Scheduler,
 )
+from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
 from lmxd.service.views import AgentView, LoadedModel, Registered
 
 log = logging.getLogger("lmxd.service")
+GONE = "(unregistered)"  # the agent label of counts of agents since unregistered
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class Exchange:
     agent: str | None = None  # an agent named explicitly (the X-Lmxd-Agent header)
     messages: tuple[ChatMessage, ...] | None = None  # chat: the whole conversation
     prompt: str | None = None  # completion: the whole prompt, raw text
+    tools: ToolUse | None = None  # chat: described in the system message (grammar: below)
     max_tokens: int | None = None  # None: until the reply ends or the context is full
     sampling: Mapping[str, Any] | None = None
     stops: tuple[str, ...] = ()
@@ -74,11 +87,6 @@ class DecodeStream:
     @property
     def agent(self) -> str:
         return self._job.agent.id
-
-    @property
-    def model(self) -> str:
-        """The key of the agent's model."""
-        return self._job.agent.slot.key
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """The reply's pieces as they are generated (a stream that was not asked for has
@@ -126,6 +134,7 @@ class Service:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.http_url: str | None = None  # set once the HTTP front listens
+        self.stopping = False
         self.auto = AutoAgents(scheduler, limits.auto_agents, limits.auto_agent_ttl_s)
         # Counters since the start, by (model, agent): /metrics reads them.
         self.tokens: Counter[tuple[str, str, str]] = Counter()  # (model, agent, kind)
@@ -141,6 +150,7 @@ class Service:
         sampling: Mapping[str, Any] | None = None,
         system_prompt: str | None = None,
     ) -> Registered:
+        self._check_open()
         params = SamplingParams(**(sampling or {}))
         got = await self.scheduler.register(
             agent, model, n_ctx or self.limits.default_n_ctx, params, system_prompt
@@ -154,9 +164,11 @@ class Service:
 
     async def unregister(self, agent: str) -> None:
         await self.scheduler.unregister(agent)
+        self._forget(agent)
 
     def decode(self, request: DecodeRequest) -> DecodeStream:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, BUSY...)."""
+        self._check_open()
         job = self.scheduler.submit(request)
         job.done.add_done_callback(lambda done: self._count(job, done))
         return DecodeStream(self.scheduler, job)
@@ -166,27 +178,51 @@ class Service:
     async def exchange(self, ex: Exchange) -> DecodeStream:
         """Serve a whole-conversation request with the agent it names, or one of its model's
         auto-agents; what that agent's KV holds of the conversation is not prefilled again."""
-        agent_id = await self._named_agent(ex)
-        path = self._model_path(agent_id, ex.model)
-        if agent_id is None and path not in self.scheduler.room.slots:
-            agent_id = await self._new_auto(ex.model, path)  # loads the model: its template
-        slot = self.scheduler.room.slots[path]
-        if ex.grammar is not None:
-            await self.scheduler.check_grammar(slot, ex.grammar)
-        messages: tuple[ChatMessage, ...] = ()
-        if ex.messages is not None:
-            messages = self._with_system_prompt(agent_id, ex.messages)
-            rendered = slot.chat.render(messages)
-        else:
-            rendered = Rendered(ex.prompt or "", add_bos=True, stops=())
-        if agent_id is None:
-            agent_id = self.auto.pick(path, rendered.text, rendered.add_bos)
+        self._check_open()
+        agents = self.scheduler.agents
+        if ex.agent is not None and ex.agent not in agents:
+            await self._register_named(ex)
+        named = ex.agent or (ex.model if ex.model in agents else None)
+        if named is not None:
+            slot = self._agent(named).slot
+            if ex.grammar is not None:
+                await self.scheduler.check_grammar(slot, ex.grammar)
+            rendered, messages = self._render(slot, self._agent(named).system_prompt, ex)
+            return self._submit(named, ex, rendered, messages)
+        path = self.scheduler.model_path(ex.model)
+        # One request of a model at a time chooses its agent and submits: two never take the
+        # same idle agent for two conversations, and one that expires is not taken as it goes.
+        async with self.auto.lock(path):
+            first = None
+            if path not in self.scheduler.room.slots:  # the first agent loads the model
+                first = await self._new_auto(ex.model, path)
+            slot = self.scheduler.room.slots[path]
+            if ex.grammar is not None:
+                await self.scheduler.check_grammar(slot, ex.grammar)
+            rendered, messages = self._render(slot, None, ex)
+            agent_id = first or self.auto.pick(path, rendered.text, rendered.add_bos)
             if agent_id is None:
                 agent_id = await self._new_auto(ex.model, path)
-        agent = self.scheduler.agents.get(agent_id)
-        if agent is None:  # unregistered while this request waited
-            raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
-        n_ctx = agent.n_ctx
+            return self._submit(agent_id, ex, rendered, messages)
+
+    def _render(
+        self, slot: ModelSlot, system_prompt: str | None, ex: Exchange
+    ) -> tuple[Rendered, tuple[ChatMessage, ...]]:
+        """The request's conversation as the model sees it: an agent's system prompt heads a
+        conversation that brings none, and offered tools are described after it."""
+        if ex.messages is None:
+            return Rendered(ex.prompt or "", add_bos=True, stops=()), ()
+        messages = list(ex.messages)
+        if system_prompt and not (messages and messages[0].role == "system"):
+            messages.insert(0, ChatMessage("system", system_prompt))
+        if ex.tools is not None:
+            messages = with_tool_prompt(messages, ex.tools)
+        return slot.chat.render(messages), tuple(messages)
+
+    def _submit(
+        self, agent_id: str, ex: Exchange, rendered: Rendered, messages: tuple[ChatMessage, ...]
+    ) -> DecodeStream:
+        n_ctx = self._agent(agent_id).n_ctx
         if ex.max_tokens is not None and ex.max_tokens >= n_ctx:
             raise PromptTooLong(
                 f"max_tokens {ex.max_tokens} is past the context of {n_ctx} tokens",
@@ -206,56 +242,68 @@ class Service:
         )
         return self.decode(request)
 
-    async def _named_agent(self, ex: Exchange) -> str | None:
-        """The agent a request names (header first, then ``model``), registering one the
-        header names for the first time; None when ``model`` names a model."""
-        agents = self.scheduler.agents
-        if ex.agent is not None:
-            if ex.agent not in agents:
-                if not protocol.is_agent_id(ex.agent):
-                    raise InvalidInput(f"{ex.agent!r} is not an agent id", agent=ex.agent)
-                named = agents.get(ex.model)  # `model` may name an agent: its model, then
-                await self.register(ex.agent, named.slot.key if named else ex.model)
-                self.auto.adopt_named(ex.agent)
-            return ex.agent
-        return ex.model if ex.model in agents else None
+    async def _register_named(self, ex: Exchange) -> None:
+        """Register the agent the X-Lmxd-Agent header names for the first time, on the model
+        ``model`` names (or on the model of the agent ``model`` names)."""
+        assert ex.agent is not None
+        if not protocol.is_agent_id(ex.agent):
+            raise InvalidInput(f"{ex.agent!r} is not an agent id", agent=ex.agent)
+        owner = self.scheduler.agents.get(ex.model)
+        model = owner.slot.key if owner is not None else ex.model
+        path = self.scheduler.model_path(model)
+        async with self.auto.lock(path):
+            if ex.agent in self.scheduler.agents:
+                return  # a request naming it too got here first
+            if self.auto.count(path) >= self.limits.auto_agents and not await self._evict(path):
+                raise Busy(
+                    f"{model} has {self.limits.auto_agents} agents the HTTP API made "
+                    "(--auto-agents), all busy or named: reuse a name, or wait for one to expire",
+                    max_agents=self.limits.auto_agents,
+                )
+            await self.register(ex.agent, model)
+            self.auto.adopt_named(path, ex.agent)
 
-    def _model_path(self, agent_id: str | None, model: str) -> str:
-        if agent_id is not None:
-            if agent_id not in self.scheduler.agents:  # unregistered meanwhile
-                raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
-            return str(self.scheduler.agents[agent_id].slot.path)
-        return self.scheduler.model_path(model)
+    async def _evict(self, path: str) -> bool:
+        """Unregister the least recently used idle auto-agent of the model at ``path`` (an
+        explicitly named agent outranks a cache of some conversation). False: none is idle."""
+        for agent in sorted(self.auto.pool(path), key=lambda a: a.last_used):
+            if not agent.jobs and await self.scheduler.unregister_idle(agent.id, time.time()):
+                self._forget(agent.id)
+                log.info("auto-agent evicted agent=%s for a named one", agent.id)
+                return True
+        return False
 
     async def _new_auto(self, model: str, path: str) -> str:
         agent_id = self.auto.new_id(model)
+        await self.register(agent_id, model)
         self.auto.adopt(path, agent_id)
-        try:
-            await self.register(agent_id, model)
-        finally:
-            self.auto.registered(agent_id)
         log.info("auto-agent agent=%s model=%s", agent_id, model)
         return agent_id
 
-    def _with_system_prompt(
-        self, agent_id: str | None, messages: tuple[ChatMessage, ...]
-    ) -> tuple[ChatMessage, ...]:
-        """A registered agent's system prompt heads a conversation that brings none."""
-        agent = self.scheduler.agents.get(agent_id or "")
-        if agent is None or not agent.system_prompt or (messages and messages[0].role == "system"):
-            return messages
-        return (ChatMessage("system", agent.system_prompt), *messages)
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self.scheduler.agents.get(agent_id)
+        if agent is None:  # never registered, or unregistered while this request waited
+            raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
+        return agent
 
     async def expire_auto_agents(self) -> None:
-        """Unregister the auto-agents idle for longer than their TTL (run periodically)."""
-        for agent_id in self.auto.expired():
-            try:
-                await self.scheduler.unregister(agent_id)
-            except LmxdError:
-                continue  # gone already, or busy again
-            log.info("auto-agent expired agent=%s", agent_id)
+        """Unregister the agents the API made that have been idle past their TTL (run
+        periodically); one that a request takes meanwhile stays."""
+        for agent_id, path, idle_since in self.auto.expired():
+            async with self.auto.lock(path):
+                if await self.scheduler.unregister_idle(agent_id, used_before=idle_since):
+                    self._forget(agent_id)
+                    log.info("auto-agent expired agent=%s", agent_id)
 
     # -- the daemon --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The daemon is stopping: every new operation gets SHUTTING_DOWN from now on."""
+        self.stopping = True
+
+    def _check_open(self) -> None:
+        if self.stopping:
+            raise ShuttingDown("the daemon is stopping")
 
     def shutdown(self, peer_uid: int | None) -> None:
         if peer_uid != os.getuid():
@@ -354,6 +402,13 @@ class Service:
             )
             for slot in self.scheduler.room.slots.values()
         ]
+
+    def _forget(self, agent: str) -> None:
+        """An agent went: its counts move to the ``(unregistered)`` series of its model, so
+        that totals stay monotonic and the series do not grow with every auto-agent."""
+        for key in [k for k in self.tokens if k[1] == agent]:
+            model, _, kind = key
+            self.tokens[(model, GONE, kind)] += self.tokens.pop(key)
 
     def _count(self, job: Job, done: asyncio.Future[DecodeResult]) -> None:
         model, agent = job.agent.slot.key, job.agent.id

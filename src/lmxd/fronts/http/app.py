@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import uvicorn
@@ -59,6 +61,16 @@ async def _body(request: Request, schema: type[B]) -> B:
         ) from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+
+
+def _local(host: str) -> bool:
+    """A name or address of this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _param(message: str) -> str | None:
@@ -115,8 +127,7 @@ class Api:
         open_to_all: bool = False,
     ) -> Response:
         try:
-            if not open_to_all:
-                self._authenticate(request)
+            self._admit(request, open_to_all)
             response = await run()
         except ClientGone:
             response = Response(status_code=499)  # nobody is there to read it
@@ -127,6 +138,30 @@ class Api:
             response = error_response(LmxdError(f"internal error: {exc!r}"))
         self.metrics.http_requests[(route, response.status_code)] += 1
         return response
+
+    def _admit(self, request: Request, open_to_all: bool = False) -> None:
+        """Who may ask: the key's holders; without a key, programs on this machine only."""
+        if not open_to_all:
+            self._authenticate(request)
+        if self.api_key is None:
+            # Without a key the API listens on loopback, where a web page the user opens can
+            # still reach it: refuse a foreign Host (DNS rebinding) and a foreign Origin (a
+            # page's cross-site request); the SDKs, curl and agents send neither.
+            host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+            origin = urlsplit(request.headers.get("origin", "")).hostname
+            if not _local(host) or (origin is not None and not _local(origin)):
+                raise HttpError(
+                    403,
+                    "forbidden_origin",
+                    "without an API key, only programs on this machine may use the API "
+                    "(a browser page from another origin, or a foreign Host, may not)",
+                )
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise HttpError(
+                    415, "unsupported_media_type", "send the body as Content-Type: application/json"
+                )
 
     def _authenticate(self, request: Request) -> None:
         if self.api_key is None:
@@ -142,7 +177,7 @@ class Api:
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         try:
-            self._authenticate(request)  # a client without the key learns nothing of routes
+            self._admit(request)  # a client without the key learns nothing of routes
         except HttpError as denied:
             return error_response(denied)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -244,6 +279,7 @@ class HttpFront:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=2,
+            limit_concurrency=1024,  # past it uvicorn answers 503 at once
         )
         self._server = server = _EmbeddedServer(config)
         self._serving = asyncio.ensure_future(server.serve(sockets=[sock]))

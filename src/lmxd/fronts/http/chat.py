@@ -13,34 +13,31 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmxd import __version__
 from lmxd.chat.messages import ChatMessage, ToolCall
-from lmxd.chat.tools import Tool, with_tool_prompt
+from lmxd.chat.tools import Tool
 from lmxd.errors import InvalidInput, LmxdError
 from lmxd.fronts.http import schemas
 from lmxd.fronts.http.errors import error_body
 from lmxd.fronts.http.replies import (
+    AGENT_HEADER,
     Calls,
     ReplyPlan,
-    chained,
     chat_logprobs,
+    cut_short,
     delta_of,
     finish_reason,
-    first_piece,
     max_tokens,
-    new_id,
-    now,
+    meta,
     plan_reply,
+    refuse_unsupported,
     sampling,
     stops,
+    streamed,
     usage,
 )
 from lmxd.fronts.http.sse import EventStream, watched
 from lmxd.results import DecodeResult, TokenLogprob
 from lmxd.service import DecodeStream, Exchange, Piece, Service
-
-FINGERPRINT = f"lmxd-{__version__}"
-AGENT_HEADER = "X-Lmxd-Agent"
 
 
 def _text(content: str | list[schemas.ContentPart] | None, param: str) -> str | None:
@@ -93,10 +90,7 @@ def _agent_header(request: Request) -> str | None:
 async def chat_completions(
     service: Service, request: Request, body: schemas.ChatCompletionRequest
 ) -> Response:
-    if body.n not in (None, 1):
-        raise InvalidInput("n must be 1: lmxd generates one choice per request", param="n")
-    if body.logit_bias:
-        raise InvalidInput("logit_bias is not supported", param="logit_bias")
+    refuse_unsupported(body.n, logit_bias=body.logit_bias)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidInput("top_logprobs needs logprobs: true", param="top_logprobs")
     messages = chat_messages(body.messages)
@@ -109,12 +103,11 @@ async def chat_completions(
     plan = plan_reply(
         tools, chosen, body.parallel_tool_calls is not False, response_schema(body.response_format)
     )
-    if plan.tools is not None:
-        messages = tuple(with_tool_prompt(messages, plan.tools))
     exchange = Exchange(
         model=body.model,
         agent=_agent_header(request),
         messages=messages,
+        tools=plan.tools,
         max_tokens=max_tokens(body.max_tokens, body.max_completion_tokens),
         sampling=sampling(
             temperature=body.temperature,
@@ -129,25 +122,18 @@ async def chat_completions(
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     stream = await service.exchange(exchange)
-    meta = {
-        "id": new_id("chatcmpl-"),
-        "created": now(),
-        "model": body.model,
-        "system_fingerprint": FINGERPRINT,
-    }
+    shared = meta("chatcmpl-", body.model)
     headers = {AGENT_HEADER: stream.agent}
     if not body.stream:
         result = await watched(stream.result(), request.receive, stream.cancel)
-        return JSONResponse(_completion(meta, result, plan), headers=headers)
-    first, rest = await watched(first_piece(stream), request.receive, stream.cancel)
-    if first is None:
-        await stream.result()  # ended before its first piece: raise what ended it
+        return JSONResponse(_completion(shared, result, plan), headers=headers)
+    pieces = await streamed(stream, request)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    chunks = _chunks(meta, stream, chained(first, rest), plan, include_usage, bool(body.logprobs))
+    chunks = _chunks(shared, stream, pieces, plan, include_usage, bool(body.logprobs))
     return EventStream(chunks, on_close=stream.cancel, headers=headers)
 
 
-def _completion(meta: dict[str, Any], result: DecodeResult, plan: ReplyPlan) -> dict[str, Any]:
+def _completion(shared: dict[str, Any], result: DecodeResult, plan: ReplyPlan) -> dict[str, Any]:
     reader = plan.reader()
     content: str | None = result.text
     calls: list[dict[str, Any]] = []
@@ -163,18 +149,18 @@ def _completion(meta: dict[str, Any], result: DecodeResult, plan: ReplyPlan) -> 
         "logprobs": chat_logprobs(result.logprobs) if result.logprobs is not None else None,
         "finish_reason": finish_reason(result, bool(calls)),
     }
-    return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(result)}
+    return {**shared, "object": "chat.completion", "choices": [choice], "usage": usage(result)}
 
 
 async def _chunks(
-    meta: dict[str, Any],
+    shared: dict[str, Any],
     stream: DecodeStream,
     pieces: AsyncIterator[Piece],
     plan: ReplyPlan,
     include_usage: bool,
     logprobs: bool,
 ) -> AsyncIterator[list[dict[str, Any]]]:
-    base = {**meta, "object": "chat.completion.chunk"}
+    base = {**shared, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(
@@ -205,6 +191,7 @@ async def _chunks(
             batch = []
     try:
         result = await stream.result()
+        cut_short(result)
     except LmxdError as exc:
         yield [*batch, error_body(exc)]
         return
@@ -220,13 +207,7 @@ async def _chunks(
 async def completions(
     service: Service, request: Request, body: schemas.CompletionRequest
 ) -> Response:
-    if body.n not in (None, 1):
-        raise InvalidInput("n must be 1: lmxd generates one choice per request", param="n")
-    for name in ("logit_bias", "suffix"):
-        if getattr(body, name):
-            raise InvalidInput(f"{name} is not supported", param=name)
-    if body.echo:
-        raise InvalidInput("echo is not supported", param="echo")
+    refuse_unsupported(body.n, logit_bias=body.logit_bias, suffix=body.suffix, echo=body.echo)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -249,12 +230,7 @@ async def completions(
         top_logprobs=body.logprobs,
     )
     stream = await service.exchange(exchange)
-    meta = {
-        "id": new_id("cmpl-"),
-        "created": now(),
-        "model": body.model,
-        "system_fingerprint": FINGERPRINT,
-    }
+    shared = meta("cmpl-", body.model)
     headers = {AGENT_HEADER: stream.agent}
     if not body.stream:
         result = await watched(stream.result(), request.receive, stream.cancel)
@@ -265,17 +241,15 @@ async def completions(
             "logprobs": _text_logprobs(result.logprobs),
         }
         body_out = {
-            **meta,
+            **shared,
             "object": "text_completion",
             "choices": [choice],
             "usage": usage(result),
         }
         return JSONResponse(body_out, headers=headers)
-    first, rest = await watched(first_piece(stream), request.receive, stream.cancel)
-    if first is None:
-        await stream.result()
+    pieces = await streamed(stream, request)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    chunks = _text_chunks(meta, stream, chained(first, rest), include_usage)
+    chunks = _text_chunks(shared, stream, pieces, include_usage)
     return EventStream(chunks, on_close=stream.cancel, headers=headers)
 
 
@@ -297,9 +271,9 @@ def _text_logprobs(
 
 
 async def _text_chunks(
-    meta: dict[str, Any], stream: DecodeStream, pieces: AsyncIterator[Piece], include_usage: bool
+    shared: dict[str, Any], stream: DecodeStream, pieces: AsyncIterator[Piece], include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    base = {**meta, "object": "text_completion"}
+    base = {**shared, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
     offset = 0
     async for piece in pieces:
@@ -309,6 +283,7 @@ async def _text_chunks(
         yield {**base, "choices": [choice], **extra}
     try:
         result = await stream.result()
+        cut_short(result)
     except LmxdError as exc:
         yield error_body(exc)
         return

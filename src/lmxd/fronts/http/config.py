@@ -44,7 +44,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(config: HttpConfig) -> None:
-    """Refuse to serve anything but loopback without an API key."""
+    """Refuse to serve anything but loopback without an API key, and an empty key."""
+    if config.api_key is not None and not config.api_key.strip():
+        raise InvalidInput(f"the API key (--api-key, ${API_KEY_ENV}) is empty")
     if config.api_key is None and not is_loopback(config.host):
         raise InvalidInput(
             f"refusing to serve HTTP on {config.host} without an API key: anyone who can reach "

@@ -18,6 +18,7 @@ from lmxd.errors import (
     InvalidInput,
     LedgerDenied,
     LmxdError,
+    ModelFileError,
     ParkBudgetExceeded,
     PromptTooLong,
     ShuttingDown,
@@ -50,6 +51,8 @@ def _shape(exc: LmxdError | HttpError) -> tuple[int, str, str]:
     if isinstance(exc, PromptTooLong):
         return 400, "invalid_request_error", "context_length_exceeded"
     if isinstance(exc, InvalidInput):
+        return 400, "invalid_request_error", exc.code
+    if isinstance(exc, ModelFileError):
         return 400, "invalid_request_error", exc.code
     if isinstance(exc, Busy):
         return 429, "rate_limit_error", "rate_limit_exceeded"

@@ -11,6 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
+
+from lmxd import __version__
 from lmxd.chat.tools import (
     ArgumentsDelta,
     CallStarted,
@@ -21,9 +24,13 @@ from lmxd.chat.tools import (
     ToolUse,
     grammar_for,
 )
-from lmxd.errors import InvalidInput
+from lmxd.errors import Cancelled, InvalidInput
+from lmxd.fronts.http.sse import watched
 from lmxd.results import DecodeResult, StopReason, TokenLogprob
 from lmxd.service import DecodeStream, Piece
+
+FINGERPRINT = f"lmxd-{__version__}"
+AGENT_HEADER = "X-Lmxd-Agent"  # names the agent a request wants, and the one that answered
 
 
 def new_id(prefix: str) -> str:
@@ -78,6 +85,17 @@ def plan_reply(
     if response_schema is not None:
         return ReplyPlan(None, grammar_for(response_schema))
     return ReplyPlan()
+
+
+def cut_short(result: DecodeResult) -> None:
+    """Raise for a streamed reply that was cancelled: its client stopped reading for
+    --stream-timeout (one that left reads nothing anyway), and OpenAI has no finish reason
+    that says the text is incomplete for that reason."""
+    if result.stop_reason is StopReason.CANCELLED:
+        raise Cancelled(
+            "the reply was cancelled before its end: its stream went unread for too long",
+            agent=result.agent,
+        )
 
 
 def finish_reason(result: DecodeResult, called: bool) -> str:
@@ -154,18 +172,45 @@ def delta_of(event: ReplyEvent, calls: Calls) -> dict[str, Any]:
     return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
 
 
-async def first_piece(stream: DecodeStream) -> tuple[Piece | None, AsyncIterator[Piece]]:
-    """Wait for a streamed reply's first piece (or its end) before answering the request:
-    errors found at admission (a prompt past the context, no room) still get their status
-    code instead of arriving inside a 200 stream."""
+def refuse_unsupported(n: int | None, **fields: object) -> None:
+    """InvalidInput for ``n`` other than 1, or the first of ``fields`` that is set."""
+    if n not in (None, 1):
+        raise InvalidInput("n must be 1: lmxd generates one choice per request", param="n")
+    for name, value in fields.items():
+        if value:
+            raise InvalidInput(f"{name} is not supported", param=name)
+
+
+def meta(prefix: str, model: str) -> dict[str, Any]:
+    """The fields every reply and chunk of one request share."""
+    return {
+        "id": new_id(prefix),
+        "created": now(),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+async def streamed(stream: DecodeStream, request: Request) -> AsyncIterator[Piece]:
+    """A streamed reply's pieces, once the first is generated. Waiting for it before answering
+    lets errors found at admission (a prompt past the context, no room) still get their status
+    code (raised here) instead of arriving inside a 200 stream; a client that leaves
+    meanwhile cancels the DECODE."""
     pieces = stream.pieces()
-    try:
-        return await anext(pieces), pieces
-    except StopAsyncIteration:
-        return None, pieces
+
+    async def first() -> Piece | None:
+        try:
+            return await anext(pieces)
+        except StopAsyncIteration:
+            return None
+
+    head = await watched(first(), request.receive, stream.cancel)
+    if head is None:
+        await stream.result()  # ended before its first piece: raise what ended it
+    return _chained(head, pieces)
 
 
-async def chained(first: Piece | None, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+async def _chained(first: Piece | None, rest: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
     if first is not None:
         yield first
         async for piece in rest:

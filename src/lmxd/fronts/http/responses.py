@@ -4,7 +4,8 @@ The input items (messages, function calls and their outputs) become a conversati
 chat completion's, served the same way. A streamed response sends OpenAI's event sequence:
 ``response.created``, ``response.in_progress``, then per output item ``output_item.added``,
 its content or arguments deltas and ``…done`` events, and ``response.completed`` (or
-``response.incomplete`` when the token limit cut it, or an ``error`` event). ``previous_response_id`` needs stored responses and is refused.
+``response.incomplete`` when the token limit cut it, or an ``error`` event).
+``previous_response_id`` needs stored responses and is refused.
 """
 
 from __future__ import annotations
@@ -23,21 +24,20 @@ from lmxd.chat.tools import (
     ReplyEvent,
     TextDelta,
     Tool,
-    with_tool_prompt,
 )
 from lmxd.errors import InvalidInput, LmxdError, PromptTooLong
 from lmxd.fronts.http import schemas
-from lmxd.fronts.http.chat import AGENT_HEADER
 from lmxd.fronts.http.errors import error_body
 from lmxd.fronts.http.replies import (
+    AGENT_HEADER,
     ReplyPlan,
-    chained,
-    first_piece,
+    cut_short,
     max_tokens,
     new_id,
     now,
     plan_reply,
     sampling,
+    streamed,
 )
 from lmxd.fronts.http.sse import EventStream, named_event, watched
 from lmxd.results import DecodeResult, StopReason
@@ -113,12 +113,11 @@ async def responses(service: Service, request: Request, body: schemas.ResponsesR
     plan = plan_reply(
         tools, chosen, body.parallel_tool_calls is not False, _format_schema(body.text)
     )
-    if plan.tools is not None:
-        messages = tuple(with_tool_prompt(messages, plan.tools))
     exchange = Exchange(
         model=body.model,
         agent=request.headers.get(AGENT_HEADER),
         messages=messages,
+        tools=plan.tools,
         max_tokens=max_tokens(body.max_output_tokens),
         sampling=sampling(temperature=body.temperature, top_p=body.top_p),
         stream=body.stream,
@@ -135,10 +134,7 @@ async def responses(service: Service, request: Request, body: schemas.ResponsesR
     if not body.stream:
         result = await watched(stream.result(), request.receive, stream.cancel)
         return JSONResponse(shell.finished(result, _items(result, plan)), headers=headers)
-    first, rest = await watched(first_piece(stream), request.receive, stream.cancel)
-    if first is None:
-        await stream.result()
-    events = _events(shell, stream, chained(first, rest), plan)
+    events = _events(shell, stream, await streamed(stream, request), plan)
     return EventStream(events, on_close=stream.cancel, headers=headers, done=False)
 
 
@@ -382,6 +378,7 @@ async def _events(
                 yield frame
     try:
         result = await stream.result()
+        cut_short(result)
     except LmxdError as exc:
         error = error_body(exc)["error"]
         assert isinstance(error, dict)

@@ -1,14 +1,16 @@
 """Server-sent events, and noticing a client that went away.
 
 A client that disconnects must stop its generation at the next token, streamed or not, and a
-client that stops reading must not stall anyone: the events come from the DECODE's bounded
-stream buffer, and this response only pulls the next one once the previous is written.
+client that stops reading must not stall anyone: this response pulls the next event only once
+the previous one is written, so an unread stream leaves its pieces in the DECODE's stream
+buffer, where the scheduler notices it is full and pauses that agent alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,6 +18,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+log = logging.getLogger("lmxd.fronts.http")
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 
@@ -112,13 +115,25 @@ class EventStream(Response):
             self.on_close()
 
     async def _pump(self, send: Send) -> None:
-        async for item in self.events:
-            if isinstance(item, bytes):
-                body = item
-            elif isinstance(item, list):  # events ready together go out in one write
-                body = b"".join(event(value) for value in item)
-            else:
-                body = event(item)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+        try:
+            async for item in self.events:
+                if isinstance(item, bytes):
+                    body = item
+                elif isinstance(item, list):  # events ready together go out in one write
+                    body = b"".join(event(value) for value in item)
+                else:
+                    body = event(item)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except Exception as exc:  # a bug: the client gets an error event, not a cut stream
+            log.exception("internal error in a stream")
+            error = {
+                "message": f"internal error: {exc!r}",
+                "type": "server_error",
+                "code": "INTERNAL",
+                "param": None,
+            }
+            await send(
+                {"type": "http.response.body", "body": event({"error": error}), "more_body": True}
+            )
         tail = b"data: [DONE]\n\n" if self.done else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -1,0 +1,121 @@
+"""A model's life in the daemon: resolved, loaded under the ledger, kept alive, unloaded.
+
+The first REGISTER that names a model loads it: its weights are reserved in the ledger first
+(closing other models' idle contexts if that makes room), then llama.cpp loads the file once.
+Each agent holds a weights handle of its own, so the charge goes with the last of them; then
+a keep-alive handle holds it for ``keep_alive_s`` (a REGISTER meanwhile cancels the unload),
+and the model is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from lmxd import catalog
+from lmxd.chat.template import ChatTemplate
+from lmxd.engine.model import ModelRegistry
+from lmxd.engine.runtime import Engine
+from lmxd.errors import Forbidden, LmxdError, UnknownModel
+from lmxd.memory.ledger import Denial, Request
+from lmxd.scheduler.residency import Residency
+from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
+
+log = logging.getLogger("lmxd.scheduler")
+
+
+class Models:
+    """Loads and unloads models for the scheduler (its asyncio task only)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        room: Residency,
+        models_dir: Path,
+        allowed_dirs: tuple[Path, ...],
+        keep_alive_s: float,
+        lock: asyncio.Lock,  # the scheduler's: an expired keep-alive unloads under it
+    ) -> None:
+        self.engine = engine
+        self.room = room
+        self.ledger = room.ledger
+        self.models_dir = models_dir
+        self.allowed_dirs = allowed_dirs
+        self.keep_alive_s = keep_alive_s
+        self._lock = lock
+        self.registry = engine.call(ModelRegistry, engine)
+
+    def resolve(self, model: str) -> Path:
+        """The file a model name or path stands for, inside the allowed directories once
+        symlinks are followed (UNKNOWN_MODEL, FORBIDDEN)."""
+        try:
+            path = catalog.resolve_model(model, self.models_dir).resolve()
+        except (OSError, ValueError) as exc:  # a name too long for a path, a NUL byte...
+            raise UnknownModel(f"{model[:200]!r} cannot name a model file: {exc}") from exc
+        if not any(path.is_relative_to(d.resolve()) for d in self.allowed_dirs):
+            raise Forbidden(
+                f"{path} is outside the allowed model directories "
+                f"({', '.join(str(d) for d in self.allowed_dirs)})",
+                path=str(path),
+            )
+        return path
+
+    async def load(self, key: str, path: Path, weights: Request) -> ModelSlot:
+        """Reserve the weights (closing idle contexts if need be), then load the model."""
+        while isinstance(got := self.ledger.try_reserve(weights), Denial):
+            victims = self.room.evictable()
+            if not victims:
+                raise got.error()
+            await self.room.close_context(victims[0])
+        try:
+            model = await self.engine.acall(self.registry.acquire, path)
+        except LmxdError:
+            self.ledger.release(got[0])
+            raise
+        chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
+        slot = ModelSlot(key, path, model.info, model, chat)
+        slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
+        self.room.slots[str(path)] = slot
+        log.info("load model=%s bytes=%d", key, got[0].bytes)
+        return slot
+
+    def cancel_unload(self, slot: ModelSlot) -> None:
+        """An agent holds ``slot`` again: no unload, and no keep-alive handle."""
+        if slot.unload_timer is not None:
+            slot.unload_timer.cancel()
+            slot.unload_timer = None
+        keepalive = slot.weights.pop(KEEPALIVE_HOLDER, None)
+        if keepalive is not None:
+            self.ledger.release(keepalive)
+
+    async def keep_alive(self, slot: ModelSlot) -> None:
+        """No agent refers to ``slot`` any more: unload it after the keep-alive."""
+        got = self.ledger.try_reserve(Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}"))
+        assert not isinstance(got, Denial)  # keyed and live: costs nothing
+        slot.weights[KEEPALIVE_HOLDER] = got[0]
+        if self.keep_alive_s <= 0:
+            await self.unload(slot)
+            return
+        slot.unload_timer = asyncio.get_running_loop().call_later(
+            self.keep_alive_s, lambda: asyncio.ensure_future(self._unload_expired(slot))
+        )
+
+    async def _unload_expired(self, slot: ModelSlot) -> None:
+        async with self._lock:
+            if not slot.agents and self.room.slots.get(str(slot.path)) is slot:
+                await self.unload(slot)
+
+    async def unload(self, slot: ModelSlot) -> None:
+        if slot.unload_timer is not None:
+            slot.unload_timer.cancel()
+        if slot.context is not None:
+            for agent in slot.residents():
+                await self.room.drop(agent)
+            await self.room.close_context(slot)
+        await self.engine.acall(self.registry.release, slot.model)
+        for handle in slot.weights.values():
+            self.ledger.release(handle)
+        slot.weights.clear()
+        del self.room.slots[str(slot.path)]
+        log.info("unload model=%s", slot.key)
