@@ -31,7 +31,7 @@ from lmxd.spawn import DaemonProcess
 
 MODEL = "smollm2-135m"
 MAX_TOKENS = 64
-ROUNDS = {1: 16, 8: 6}  # per concurrency; a time to first token is ~150 ms of prefill on CPU,
+ROUNDS = {1: 30, 8: 6}  # per concurrency; a time to first token is ~150 ms of prefill on CPU,
 # and its noise is a few ms: many rounds, alternating fronts, to see a 2 ms difference
 SYSTEM = "You are a helpful assistant."
 

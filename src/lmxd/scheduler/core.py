@@ -43,6 +43,7 @@ from lmxd.scheduler.slots import ModelSlot
 from lmxd.scheduler.steps import plan_step, prepare, run_steps
 
 log = logging.getLogger("lmxd.scheduler")
+_GATHER_YIELDS = 4  # loop turns; each costs microseconds
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class Scheduler:
             events=asyncio.Queue() if request.stream else None,
         )
         agent.jobs.append(job)
+        agent.slot.submitted += 1
         if agent.idle:
             agent.move(AgentState.QUEUED)
         self._wake.set()
@@ -223,6 +225,11 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Woken from idle by a DECODE: let the requests already in the loop's ready queue
+            # (a burst on several HTTP connections arrives a few callbacks apart) be submitted
+            # too, so that they share the first batch instead of waiting for its prefill.
+            for _ in range(_GATHER_YIELDS):
+                await asyncio.sleep(0)
             while (slot := self._next_slot()) is not None:
                 async with self._lock:
                     try:

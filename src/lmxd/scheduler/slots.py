@@ -36,6 +36,7 @@ class ModelSlot:
     context_reservation: Reservation | None = None
     seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
     unload_timer: asyncio.TimerHandle | None = None
+    submitted: int = 0  # DECODEs submitted for this model so far (a slice ends when it moves)
     last_used: float = field(default_factory=time.monotonic)
 
     @property

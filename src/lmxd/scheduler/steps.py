@@ -170,13 +170,18 @@ def run_steps(
     the event loop between them (each costs about as much as a small model's step).
 
     Stops early when a job ends, fails or is cancelled (the scheduler then admits or
-    finishes), or when the next step would need KV cells that only parking can free. An agent
-    whose stream fills up sits out the rest of the slice; the others go on. Pieces go out
-    through ``emit`` as they are sampled.
+    finishes), when a DECODE for this model was submitted meanwhile (it joins the batch at the
+    next step instead of after the slice: requests arriving a few milliseconds apart, as HTTP
+    requests on several connections do, share their prefill), or when the next step would
+    need KV cells that only parking can free. An agent whose stream fills up sits out the rest
+    of the slice; the others go on. Pieces go out through ``emit`` as they are sampled.
     """
     agents = [agent for agent, _ in plan.entries]
+    submitted = slot.submitted  # read across threads: an int, written by the event loop
     for step in range(max_steps):
         if step:
+            if slot.submitted != submitted:
+                return
             agents = [agent for agent in agents if not agent.jobs[0].stream_full]
             if not agents:
                 return
