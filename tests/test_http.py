@@ -740,42 +740,22 @@ def test_listening_beyond_loopback_without_a_key_is_refused_at_start_up() -> Non
     probe.bind(("0.0.0.0", 0))
     port = probe.getsockname()[1]
     probe.close()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmxd.cli",
-            "serve",
-            "--socket",
-            "/tmp/lmxd-never.sock",
-            "--http",
-            f"0.0.0.0:{port}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "LMXD_API_KEY"},
-    )
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "lmxd.cli", "serve", "--socket", "/tmp/lmxd-never.sock"]
+        env = {k: v for k, v in os.environ.items() if k != "LMXD_API_KEY"}
+        return subprocess.run(
+            [*command, "--http", f"0.0.0.0:{port}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    done = serve()
     assert done.returncode == 2
     assert "without an API key" in done.stderr
-    empty = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmxd.cli",
-            "serve",
-            "--socket",
-            "/tmp/lmxd-never.sock",
-            "--http",
-            f"0.0.0.0:{port}",
-            "--api-key",
-            "",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "LMXD_API_KEY"},
-    )
+    empty = serve("--api-key", "")
     assert empty.returncode == 2 and "is empty" in empty.stderr
 
 

@@ -65,8 +65,8 @@ def _conversation(agent: Agent, job: Job) -> list[int]:
     tokenizing the reply's text afresh would split it differently.
     """
     model, prompt = agent.slot.model, job.request.prompt
-    job.stops = job.request.stops
     if isinstance(prompt, TextPrompt):
+        job.stops = job.request.stops
         text = prompt.text
         if not agent.tokens and agent.system_prompt:
             text = agent.system_prompt + text

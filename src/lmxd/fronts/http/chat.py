@@ -83,6 +83,18 @@ def response_schema(fmt: schemas.ResponseFormat | None) -> dict[str, Any] | None
     return fmt.json_schema.schema_
 
 
+def _sampling(
+    body: schemas.ChatCompletionRequest | schemas.CompletionRequest,
+) -> dict[str, Any] | None:
+    return sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+    )
+
+
 def _agent_header(request: Request) -> str | None:
     return request.headers.get(AGENT_HEADER)
 
@@ -109,13 +121,7 @@ async def chat_completions(
         messages=messages,
         tools=plan.tools,
         max_tokens=max_tokens(body.max_tokens, body.max_completion_tokens),
-        sampling=sampling(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            frequency_penalty=body.frequency_penalty,
-            presence_penalty=body.presence_penalty,
-        ),
+        sampling=_sampling(body),
         stops=stops(body.stop),
         stream=body.stream,
         grammar=plan.grammar,
@@ -218,13 +224,7 @@ async def completions(
         agent=_agent_header(request),
         prompt=prompt,
         max_tokens=max_tokens(body.max_tokens),
-        sampling=sampling(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            frequency_penalty=body.frequency_penalty,
-            presence_penalty=body.presence_penalty,
-        ),
+        sampling=_sampling(body),
         stops=stops(body.stop),
         stream=body.stream,
         top_logprobs=body.logprobs,

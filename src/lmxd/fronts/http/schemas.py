@@ -138,12 +138,10 @@ class CompletionRequest(_Body):
 # -- responses ------------------------------------------------------------------------------
 
 
-class ResponseTool(_Body):
+class ResponseTool(FunctionDefinition, kw_only=True):
+    """A chat tool's function, flat, with its type beside it."""
+
     type: Literal["function"]
-    name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] = {}
-    strict: bool | None = None
 
 
 class NamedResponseToolChoice(_Body):
