@@ -6,14 +6,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
 
 from lmxd.chat import ChatMessage, ChatTemplate
-from lmxd.engine.context import Context, ContextParams, SeqBatch
-from lmxd.engine.generate import Generation, generate, prefill
+from lmxd.engine.context import Context, ContextParams, StateLayout
 from lmxd.engine.model import Model, ModelRegistry
 from lmxd.engine.runtime import Engine
 from lmxd.engine.sampling import SamplingParams
+from lmxd.engine.stepper import Reply, ReplySpec, Stepper
 from lmxd.errors import EngineError, InvalidInput
 from lmxd.results import StopReason
 
@@ -44,15 +45,41 @@ def gemma(registry: ModelRegistry, gemma3: Path) -> Iterator[Model]:
     on_engine(lambda: registry.release(model))
 
 
-def with_context(model: Model, fn: Callable[[Context], T], n_ctx: int = 2048, n_seq: int = 4) -> T:
+def with_context(model: Model, fn: Callable[[Stepper], T], n_ctx: int = 512, n_seq: int = 4) -> T:
+    """Run ``fn`` on the engine thread with a stepper over a fresh context (``n_ctx`` cells
+    per sequence)."""
+
     def run() -> T:
         ctx = Context(model, ContextParams(n_ctx=n_ctx, n_seq_max=n_seq))
         try:
-            return fn(ctx)
+            return fn(Stepper(ctx))
         finally:
             ctx.free()
 
     return on_engine(run)
+
+
+def generate(
+    stepper: Stepper,
+    seq: int,
+    prompt: list[int],
+    max_tokens: int,
+    sampling: SamplingParams,
+    stops: tuple[str, ...] = (),
+    top_logprobs: int | None = None,
+) -> Reply:
+    spec = ReplySpec(max_tokens, sampling, stops, top_logprobs=top_logprobs)
+    return stepper.generate(seq, prompt, spec)
+
+
+def prefill(stepper: Stepper, seq: int, tokens: list[int]) -> None:
+    """Decode ``tokens`` into ``seq``, n_batch at a time, reading nothing back."""
+    ctx = stepper.ctx
+    n = ctx.n_batch
+    for start in range(0, len(tokens), n):
+        chunk = np.array(tokens[start : start + n], np.int32)
+        pos = np.arange(ctx.seq_len[seq], ctx.seq_len[seq] + len(chunk), dtype=np.int32)
+        ctx.decode(np.full(len(chunk), seq, np.int32), chunk, pos, np.zeros(len(chunk), np.int32))
 
 
 SYSTEM = ChatMessage("system", "You are a helpful assistant.")
@@ -66,18 +93,18 @@ def chat_tokens(model: Model, question: str) -> list[int]:
 
 def test_smollm2_chat_answers_sensibly(smol: Model) -> None:
     tokens = on_engine(lambda: chat_tokens(smol, "What is the capital of France?"))
-    result = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 40, GREEDY))
+    result = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY))
     assert "Paris" in result.text
     assert result.stop_reason in (StopReason.EOS, StopReason.LENGTH)
-    assert list(result.history) == tokens and 0 < len(result.tokens) <= 40
+    assert 0 < result.n_tokens <= 40
 
 
 def test_gemma3_completes_a_plain_prompt(gemma: Model) -> None:
     tokens = on_engine(lambda: gemma.tokenize("The Eiffel Tower is in the city of"))
-    result = with_context(gemma, lambda ctx: generate(ctx, 0, tokens, 12, GREEDY))
+    result = with_context(gemma, lambda st: generate(st, 0, tokens, 12, GREEDY))
     assert "Paris" in result.text
     tokens = on_engine(lambda: gemma.tokenize("def add(a, b):\n    return"))
-    result = with_context(gemma, lambda ctx: generate(ctx, 0, tokens, 6, GREEDY))
+    result = with_context(gemma, lambda st: generate(st, 0, tokens, 6, GREEDY))
     assert result.text.startswith(" a + b")
 
 
@@ -105,18 +132,20 @@ def test_restored_state_continues_token_for_token(smol: Model) -> None:
     """Save a sequence, free its cells, restore it into another id: the same greedy tokens."""
     prompt = on_engine(lambda: chat_tokens(smol, "List three colours."))
 
-    def run(ctx: Context) -> tuple[list[int], list[int], int]:
-        straight = generate(ctx, 0, prompt, 24, GREEDY).text
+    def run(stepper: Stepper) -> tuple[list[int], list[int], int]:
+        ctx = stepper.ctx
+        straight = generate(stepper, 0, prompt, 24, GREEDY).text
         ctx.clear_seq(0)
-        prefill(ctx, 1, prompt[:-3])
+        prefill(stepper, 1, prompt[:-3])
         size = ctx.seq_state_size(1)
         buf = bytearray(size)
-        assert ctx.save_seq(1, buf) == size
+        layout = ctx.save_seq(1, buf)
+        assert layout.nbytes == size
         ctx.clear_seq(1)
         assert ctx.seq_len[1] == 0
-        ctx.load_seq(2, buf, size)
+        ctx.load_seq(2, buf, layout)
         assert ctx.seq_len[2] == len(prompt) - 3
-        resumed = generate(ctx, 2, prompt[-3:], 24, GREEDY).text
+        resumed = generate(stepper, 2, prompt[-3:], 24, GREEDY).text
         return list(straight.encode()), list(resumed.encode()), size
 
     straight, resumed, size = with_context(smol, run)
@@ -124,83 +153,137 @@ def test_restored_state_continues_token_for_token(smol: Model) -> None:
     assert size > 30 * 3 * 64 * 2 * 2 * (len(prompt) - 3)  # at least the K and V rows
 
 
+@pytest.mark.parametrize("name", ["smol", "gemma"])
+def test_a_state_restores_into_a_context_of_another_shape(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    """Parked from sequence 2 of four, restored into the only sequence of a one-sequence
+    context and into sequence 1 of three: each continues as the conversation did at first.
+    Gemma 3 writes two KV caches (full and sliding-window), each with its stream header."""
+    model: Model = request.getfixturevalue(name)
+    prompt = on_engine(lambda: model.tokenize("The three primary colours are"))
+
+    def saved(stepper: Stepper) -> tuple[bytearray, StateLayout, str]:
+        straight = generate(stepper, 2, prompt, 16, GREEDY).text
+        stepper.ctx.clear_seq(2)
+        prefill(stepper, 2, prompt[:-1])
+        buf = bytearray(stepper.ctx.seq_state_size(2))
+        return buf, stepper.ctx.save_seq(2, buf), straight
+
+    buf, layout, straight = with_context(model, saved, n_seq=4)
+    assert layout.n_stream == 4 and layout.stream == 2
+    assert len(layout.sections) == (2 if name == "gemma" else 1)
+
+    def resumed(seq: int) -> Callable[[Stepper], str]:
+        def run(stepper: Stepper) -> str:
+            stepper.ctx.load_seq(seq, buf, layout)
+            assert stepper.ctx.seq_len[seq] == len(prompt) - 1
+            return generate(stepper, seq, prompt[-1:], 16, GREEDY).text
+
+        return run
+
+    assert with_context(model, resumed(0), n_seq=1) == straight
+    assert with_context(model, resumed(1), n_seq=3) == straight
+
+
 def test_batched_sequences_match_each_alone(smol: Model) -> None:
     questions = ["Name a fruit.", "What is 2 + 2?", "Say hello in French."]
     prompts = on_engine(lambda: [chat_tokens(smol, q) for q in questions])
 
-    def tokens_alone(ctx: Context) -> list[list[int]]:
+    def alone(stepper: Stepper) -> list[str]:
         results = []
         for p in prompts:
-            ctx.clear_seq(0)
-            out = prefill(ctx, 0, p)
-            g = Generation(ctx, 0, 16, GREEDY)
-            while True:
-                g.sample(out)
-                if g.done:
-                    break
-                out = ctx.decode([g.next_input()])[0]
-            results.append(g.tokens)
+            stepper.ctx.clear_seq(0)
+            results.append(generate(stepper, 0, p, 16, GREEDY).text)
         return results
 
-    def tokens_batched(ctx: Context) -> list[list[int]]:
+    def batched(stepper: Stepper) -> list[str]:
         # Each prompt is prefilled on its own: llama.cpp's CPU kernels take another path once
         # a batch holds 64 tokens or more (measured: the first logits of one prompt move by up
         # to 1.06 between a 63- and a 64-token batch, whatever the other tokens are), which
         # would flip near-tied greedy choices. The decode steps, one token per sequence, are
         # batched: that is what agents of one model share.
-        gens = [Generation(ctx, i, 16, GREEDY) for i in range(len(prompts))]
-        for g, p in zip(gens, prompts, strict=True):
-            g.sample(prefill(ctx, g.seq_id, p))  # sampled before the next decode overwrites
-        while True:
-            live = [g for g in gens if not g.done]
-            if not live:
-                return [g.tokens for g in gens]
-            outs = ctx.decode([g.next_input() for g in live])
-            for g in live:
-                g.sample(outs[g.seq_id])
+        seqs = list(range(len(prompts)))
+        for seq, p in zip(seqs, prompts, strict=True):
+            stepper.start(seq, p, ReplySpec(16, GREEDY))
+            stepper.run([seq], 1)  # the prompt, and the first token sampled
+        replies: dict[int, str] = {}
+        while len(replies) < len(seqs):
+            live = [seq for seq in seqs if seq not in replies]
+            for seq, report in stepper.run(live, 100).items():
+                if report.reply is not None:
+                    replies[seq] = report.reply.text
+        return [replies[seq] for seq in seqs]
 
-    assert with_context(smol, tokens_alone) == with_context(smol, tokens_batched)
+    assert with_context(smol, alone) == with_context(smol, batched)
+
+
+def test_greedy_on_the_device_and_on_the_host_agree(smol: Model) -> None:
+    """A device chain picks the same tokens as the host chain over the logits (asking for
+    log probabilities puts a reply on the host path)."""
+    tokens = on_engine(lambda: chat_tokens(smol, "Describe a sunset in two sentences."))
+    device = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY))
+    host = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY, top_logprobs=0))
+    assert device.text == host.text and device.n_tokens == host.n_tokens
+    assert len(host.logprobs) == host.n_tokens and not device.logprobs
+
+
+def test_device_chains_follow_the_settings_of_each_reply(smol: Model) -> None:
+    """A sequence keeps its device chain while the settings stay, and gets another when they
+    change: a seeded reply repeats itself on the same sequence, greedy comes back after."""
+    tokens = on_engine(lambda: chat_tokens(smol, "Tell me a story."))
+    hot = SamplingParams(temperature=1.0, seed=3)
+
+    def run(stepper: Stepper) -> list[str]:
+        texts = []
+        for sampling in (GREEDY, hot, hot, GREEDY):
+            stepper.ctx.clear_seq(1)
+            texts.append(generate(stepper, 1, tokens, 16, sampling).text)
+        return texts
+
+    greedy, first, again, greedy_again = with_context(smol, run)
+    assert first == again and greedy == greedy_again and first != greedy
 
 
 def test_stop_strings_end_the_reply_before_them(smol: Model) -> None:
     tokens = on_engine(lambda: chat_tokens(smol, "Explain what a linked list is."))
-    full = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 40, GREEDY))
+    full = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY))
     words = full.text.split()
     stop = " ".join(words[6:8])  # two words: the stop string spans several tokens
     cut = with_context(
-        smol, lambda ctx: generate(ctx, 0, tokens, 40, GREEDY, stops=["@@never@@", stop])
+        smol, lambda st: generate(st, 0, tokens, 40, GREEDY, stops=("@@never@@", stop))
     )
     assert cut.stop_reason is StopReason.STOP
     assert cut.text == full.text[: full.text.index(stop)]
-    assert len(cut.tokens) < len(full.tokens)
+    assert cut.n_tokens < full.n_tokens
 
 
 def test_seeded_sampling_is_reproducible(smol: Model) -> None:
     tokens = on_engine(lambda: chat_tokens(smol, "Tell me a story."))
     hot = SamplingParams(temperature=1.2, top_k=100, top_p=1.0, min_p=0.0, seed=7)
-    a = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 24, hot).text)
-    b = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 24, hot).text)
+    a = with_context(smol, lambda st: generate(st, 0, tokens, 24, hot).text)
+    b = with_context(smol, lambda st: generate(st, 0, tokens, 24, hot).text)
     c = with_context(
-        smol, lambda ctx: generate(ctx, 0, tokens, 24, SamplingParams(temperature=1.2, seed=8)).text
+        smol, lambda st: generate(st, 0, tokens, 24, SamplingParams(temperature=1.2, seed=8)).text
     )
     assert a == b and a != c
 
 
 def test_repeat_penalty_changes_output(smol: Model) -> None:
     tokens = on_engine(lambda: smol.tokenize("one one one one one one"))
-    plain = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 12, GREEDY).text)
+    plain = with_context(smol, lambda st: generate(st, 0, tokens, 12, GREEDY).text)
     penalised = SamplingParams(repeat_penalty=1.8)
-    other = with_context(smol, lambda ctx: generate(ctx, 0, tokens, 12, penalised).text)
+    other = with_context(smol, lambda st: generate(st, 0, tokens, 12, penalised).text)
     assert plain != other
 
 
 def test_context_limit_stops_generation(smol: Model) -> None:
     tokens = on_engine(lambda: smol.tokenize("Once upon a time"))
     result = with_context(
-        smol, lambda ctx: generate(ctx, 0, tokens, 10_000, GREEDY), n_ctx=256, n_seq=1
+        smol, lambda st: generate(st, 0, tokens, 10_000, GREEDY), n_ctx=256, n_seq=1
     )
     assert result.stop_reason is StopReason.CONTEXT
-    assert len(result.history) + len(result.tokens) <= 256
+    assert len(tokens) + result.n_tokens <= 256
 
 
 @pytest.mark.parametrize(
@@ -221,34 +304,46 @@ def test_bad_sampling_params(bad: dict[str, float]) -> None:
 
 
 def test_bad_batches_are_refused_before_llama_cpp(smol: Model) -> None:
-    def run(ctx: Context) -> None:
+    def run(stepper: Stepper) -> None:
+        ctx = stepper.ctx
+
+        def decode(seqs: list[int], tokens: list[int]) -> None:
+            n = len(tokens)
+            ctx.decode(
+                np.array(seqs, np.int32),
+                np.array(tokens, np.int32),
+                np.arange(n, dtype=np.int32) + ctx.seq_len[0],
+                np.zeros(n, np.int32),
+            )
+
         with pytest.raises(InvalidInput):
-            generate(ctx, 0, [], 4, GREEDY)  # no token, no logits to start from
+            generate(stepper, 0, [], 4, GREEDY)  # no token, no logits to start from
         with pytest.raises(InvalidInput):
-            ctx.decode([SeqBatch(0, [1] * 600)])  # more than n_batch
+            generate(stepper, 0, [1], 0, GREEDY)  # no room for a reply
         with pytest.raises(InvalidInput):
-            ctx.decode([SeqBatch(0, [1]), SeqBatch(0, [2])])  # one entry per sequence
+            decode([0] * 600, [1] * 600)  # more than n_batch
         with pytest.raises(InvalidInput):
-            ctx.decode([SeqBatch(9, [1])])  # no such sequence
+            decode([9], [1])  # no such sequence
         assert ctx.seq_len == [0, 0, 0, 0]
-        ctx.decode([SeqBatch(0, [1, 2, 3])])  # and the context still works
+        decode([0, 0, 0], [1, 2, 3])  # and the context still works (sequence 0 was empty)
         assert ctx.seq_len[0] == 3
 
     with_context(smol, run)
 
 
 def test_corrupt_state_is_refused_and_the_sequence_stays_usable(smol: Model) -> None:
-    def run(ctx: Context) -> int:
-        prefill(ctx, 0, smol.tokenize("Hello there, general"))
+    def run(stepper: Stepper) -> int:
+        ctx = stepper.ctx
+        prefill(stepper, 0, smol.tokenize("Hello there, general"))
         size = ctx.seq_state_size(0)
         buf = bytearray(size)
-        ctx.save_seq(0, buf)
+        layout = ctx.save_seq(0, buf)
         with pytest.raises(EngineError):
-            ctx.load_seq(1, buf, size // 2)  # truncated
+            ctx.load_seq(1, buf, StateLayout(layout.n_stream, 0, (size // 2 - 8,)))  # truncated
         assert ctx.seq_len[1] == 0
         with pytest.raises(InvalidInput):
             ctx.save_seq(0, bytearray(10))  # too small a buffer
-        ctx.load_seq(1, buf, size)
+        ctx.load_seq(1, buf, layout)
         return ctx.seq_len[1]
 
     assert with_context(smol, run) == len(on_engine(lambda: smol.tokenize("Hello there, general")))
@@ -267,14 +362,15 @@ def test_truncating_a_sliding_window_sequence_continues_like_a_fresh_one(gemma: 
     tokens = on_engine(lambda: gemma.tokenize("The history of the city of Paris. " * 160))
     keep = len(tokens) - 100
 
-    def continued(ctx: Context) -> str:
-        prefill(ctx, 0, tokens)
+    def continued(stepper: Stepper) -> str:
+        ctx = stepper.ctx
+        prefill(stepper, 0, tokens)
         ctx.truncate_seq(0, keep)
         assert ctx.seq_len[0] in (0, keep)
-        return generate(ctx, 0, tokens[ctx.seq_len[0] : keep + 1], 8, GREEDY).text
+        return generate(stepper, 0, tokens[ctx.seq_len[0] : keep + 1], 8, GREEDY).text
 
-    def fresh(ctx: Context) -> str:
-        return generate(ctx, 0, tokens[: keep + 1], 8, GREEDY).text
+    def fresh(stepper: Stepper) -> str:
+        return generate(stepper, 0, tokens[: keep + 1], 8, GREEDY).text
 
     assert len(tokens) > 1100
     assert with_context(gemma, continued, n_ctx=2048, n_seq=1) == with_context(

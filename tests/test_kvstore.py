@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmxd.engine.context import StateLayout
 from lmxd.kvstore import KvStore, ParkedState, size_class
 
 MiB = 1 << 20
@@ -21,12 +22,12 @@ def test_buffers_are_reused_and_the_budget_holds() -> None:
     a = store.allocate(3 * MiB)
     assert a is not None and len(a) >= 3 * MiB and store.used == len(a)
     assert store.allocate(8 * MiB) is None  # 3 + 8 > 10
-    state = ParkedState(a, 3 * MiB, 100)
+    state = ParkedState(a, StateLayout(1, 0, (3 * MiB,)), 100)
     store.free(state)
     assert store.used == 0
     again = store.allocate(3 * MiB)
     assert again is a  # the same buffer, not a new allocation
-    store.free(ParkedState(again, 3 * MiB, 100))
+    store.free(ParkedState(again, StateLayout(1, 0, (3 * MiB,)), 100))
     big = store.allocate(9 * MiB)  # the idle 3 MiB buffer is given back to make room
     assert big is not None and store.used == len(big)
 

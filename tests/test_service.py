@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from lmxd.chat import ChatMessage, Tool, ToolUse
 from lmxd.daemon import DaemonConfig, assemble
 from lmxd.results import StopReason
@@ -147,3 +149,38 @@ def test_a_registered_agent_keeps_its_system_prompt_beside_tools(models_dir: Pat
         assert system.content.startswith("Be terse.\n\n") and '"get_time"' in system.content
 
     run_service(models_dir, test)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_an_agents_greedy_text_does_not_depend_on_who_else_is_resident(
+    models_dir: Path, model: str
+) -> None:
+    """Two turns of one agent, decoded alone, then again with five other agents of its model
+    resident beside it (each holding some fifty tokens) and their DECODEs interleaved with its
+    own: the same text, token for token. In one shared KV pool the neighbours' cells changed
+    the order in which attention summed this agent's cells, and the text forked."""
+    turns = [" The sea at night is", " In the morning, the fishermen"]
+
+    async def say(svc: Service, agent: str, text: str) -> str:
+        stream = svc.decode(DecodeRequest(agent, TextPrompt(text), max_tokens=24))
+        return (await stream.result()).text
+
+    async def test(svc: Service) -> tuple[list[str], list[str]]:
+        await svc.register("solo", model, n_ctx=512)
+        alone = [await say(svc, "solo", turn) for turn in turns]
+        await svc.unregister("solo")
+        for name in ("me", "n0", "n1", "n2", "n3", "n4"):
+            await svc.register(name, model, n_ctx=512)
+        for i in range(5):
+            await say(svc, f"n{i}", f" Story number {i}: once upon a time, a {i * 7}-legged")
+        beside = []
+        for turn in turns:
+            beside.append(await say(svc, "me", turn))
+            for i in range(0, 5, 2):
+                await say(svc, f"n{i}", " And then")
+        resident = [a for a in svc.list_agents() if a.state == "resident"]
+        assert len(resident) == 6  # nobody was parked: they shared the context
+        return alone, beside
+
+    alone, beside = run_service(models_dir, test, max_seqs=8)
+    assert alone == beside

@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from lmxd.engine.context import Context, ContextParams, SeqBatch
+from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.model import ModelRegistry
 from lmxd.engine.runtime import Engine
 from lmxd.errors import InvalidInput, ModelFileError
@@ -62,8 +62,10 @@ def test_tiny_loads_and_decodes_finite_logits(tiny: Path) -> None:
         model = registry.acquire(tiny)
         ctx = Context(model, ContextParams(n_ctx=256))
         try:
-            index = ctx.decode([SeqBatch(0, [1, 100, 2000, 30000])])[0]
-            ptr = llama_cpp.llama_get_logits_ith(ctx.ptr, index)
+            tokens = np.array([1, 100, 2000, 30000], np.int32)
+            want = np.array([0, 0, 0, 1], np.int32)
+            ctx.decode(np.zeros(4, np.int32), tokens, np.arange(4, dtype=np.int32), want)
+            ptr = llama_cpp.llama_get_logits_ith(ctx.ptr, 3)
             return np.ctypeslib.as_array(ptr, shape=(shape.n_vocab,)).copy()
         finally:
             ctx.free()

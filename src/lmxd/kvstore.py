@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from lmxd.engine.context import StateLayout
+
 log = logging.getLogger("lmxd.kvstore")
 
 _MIN_BUFFER = 1 << 20
@@ -31,11 +33,15 @@ class HostBuffer(Protocol):
 
 @dataclass
 class ParkedState:
-    """One agent's saved sequence: ``nbytes`` of ``buffer``, holding ``n_tokens`` cells."""
+    """One agent's saved sequence: ``layout.nbytes`` of ``buffer``, holding ``n_tokens`` cells."""
 
     buffer: HostBuffer
-    nbytes: int
+    layout: StateLayout
     n_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
 
 
 def size_class(nbytes: int) -> int:
@@ -125,12 +131,16 @@ class KvStore:
 
     def free(self, state: ParkedState) -> None:
         """The state was restored or dropped: keep its buffer for the next park."""
-        size = len(state.buffer)
+        self.release(state.buffer)
+        state.buffer = bytearray()
+
+    def release(self, buffer: HostBuffer) -> None:
+        """Take back a buffer from :meth:`allocate` and keep it for reuse."""
+        size = len(buffer)
         with self._lock:
             self._in_use -= size
-            self._idle.setdefault(size, []).append(state.buffer)
+            self._idle.setdefault(size, []).append(buffer)
             self._idle_bytes += size
-        state.buffer = bytearray()
 
     def _new(self, size: int) -> HostBuffer | None:
         if self._want_pinned and self.pinned is None:

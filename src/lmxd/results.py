@@ -38,6 +38,13 @@ class TokenLogprob(msgspec.Struct, frozen=True):
     top_logprobs: list[TopLogprob] = []
 
 
+class Piece(msgspec.Struct, frozen=True):
+    """New text of a streamed reply, with the log probabilities of the tokens behind it."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 class DecodeResult(msgspec.Struct, frozen=True, omit_defaults=True):
     """The final reply to a DECODE, whichever front it came through."""
 

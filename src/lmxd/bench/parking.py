@@ -22,9 +22,10 @@ from lmxd import catalog
 from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.engine.context import Context, ContextParams
-from lmxd.engine.generate import prefill
 from lmxd.engine.model import ModelRegistry
 from lmxd.engine.runtime import Engine
+from lmxd.engine.sampling import SamplingParams
+from lmxd.engine.stepper import ReplySpec, Stepper
 from lmxd.kvstore import KvStore
 from lmxd.spawn import DaemonProcess
 
@@ -40,14 +41,15 @@ def _raw(path: Path) -> list[dict[str, Any]]:
     def measure() -> list[dict[str, Any]]:
         registry = ModelRegistry(engine)
         model = registry.acquire(path)
-        ctx = Context(model, ContextParams(n_ctx=2 * 16384, n_seq_max=2))
+        ctx = Context(model, ContextParams(n_ctx=16384, n_seq_max=2))
+        stepper = Stepper(ctx)
         rows = []
         try:
             for n in SIZES:
                 ctx.clear_seq(0)
                 tokens = [100 + i % 1000 for i in range(n)]
                 t0 = time.perf_counter()
-                prefill(ctx, 0, tokens)
+                stepper.generate(0, tokens, ReplySpec(1, SamplingParams()))
                 prefill_s = time.perf_counter() - t0
                 size = ctx.seq_state_size(0)
                 for kind, store in (
@@ -58,11 +60,11 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                     assert buf is not None
                     ctx.save_seq(0, buf)  # warm-up: first touch of the pages
                     t0 = time.perf_counter()
-                    ctx.save_seq(0, buf)
+                    layout = ctx.save_seq(0, buf)
                     get_s = time.perf_counter() - t0
                     ctx.clear_seq(1)
                     t0 = time.perf_counter()
-                    ctx.load_seq(1, buf, size)
+                    ctx.load_seq(1, buf, layout)
                     set_s = time.perf_counter() - t0
                     assert ctx.seq_len[1] == n
                     ctx.clear_seq(1)

@@ -1,8 +1,13 @@
-"""One llama.cpp context of a model: several sequences over one unified KV pool.
+"""One llama.cpp context of a model: several sequences, each with its own KV stream.
 
-Each resident agent of a model owns one sequence id of its model's context. ``decode`` runs one
-``llama_decode`` step over a batch that may hold tokens of several sequences (one entry per
-sequence), which is how agents of one model share a step. A sequence's state can be copied out
+Each resident agent of a model owns one sequence id of its model's context. :meth:`decode`
+runs one ``llama_decode`` over plain arrays (sequence ids, tokens, positions, which rows want
+a token back) that may hold tokens of several sequences, which is how agents of one model
+share a step; :class:`lmxd.engine.stepper.Stepper` builds those arrays and samples.
+
+Every sequence has a KV stream of its own (``kv_unified=false``): in one shared pool, where an
+agent's cells land among other agents' cells changed the order in which attention sums them,
+and so its greedy text depended on who else was resident. A sequence's state can be copied out
 to a caller-owned buffer and back into any free sequence, and its cells freed: that is parking.
 """
 
@@ -10,17 +15,22 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from lmxd.engine.model import Model
+from lmxd.engine.sampling import SamplingParams, device_chain
 from lmxd.errors import EngineError, InvalidInput, KvCacheFull
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+KV_PAD = 256  # llama.cpp pads each sequence's stream to a multiple of this
+
+Int32s = npt.NDArray[np.int32]
 
 
 class WritableBuffer(Protocol):
@@ -31,7 +41,7 @@ class WritableBuffer(Protocol):
 
 @dataclass(frozen=True)
 class ContextParams:
-    n_ctx: int  # cells in the KV pool, shared by all sequences
+    n_ctx: int  # cells per sequence (padded to KV_PAD by llama.cpp)
     n_seq_max: int = 1
     n_batch: int = 512  # most tokens one decode step may carry
     n_ubatch: int = 512  # tokens per compute pass; sizes the compute buffer
@@ -47,12 +57,64 @@ class ContextParams:
 
 
 @dataclass(frozen=True)
-class SeqBatch:
-    """New tokens of one sequence for a decode step; logits are kept for the last one."""
+class StateLayout:
+    """How llama.cpp laid out a saved sequence, so that it can be restored into a context with
+    another number of sequences.
 
-    seq_id: int
-    tokens: Sequence[int]
-    want_logits: bool = True
+    After an 8-byte header (a magic number and the sequence id), each KV cache (two for a
+    sliding-window model) writes its stream count, then per stream a cell count and, when not
+    zero, the cells. Only the sequence's own stream holds cells; the restore puts them into
+    the stream of whichever sequence it targets, but refuses a stream count other than its
+    own, so the stream headers are rewritten when the counts differ.
+    """
+
+    n_stream: int
+    stream: int  # the stream that holds the cells
+    sections: tuple[int, ...]  # bytes of each KV cache's part, in order, after the header
+
+    HEADER = 8
+
+    @property
+    def nbytes(self) -> int:
+        return self.HEADER + sum(self.sections)
+
+    def restreamed(self, data: WritableBuffer, n_stream: int) -> bytearray:
+        """The same cells, laid out for a context of ``n_stream`` streams."""
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        out = bytearray(view[: self.HEADER])
+        start = self.HEADER
+        before, after = 4 * self.stream, 4 * (self.n_stream - 1 - self.stream)
+        for size in self.sections:
+            cells = view[start + 4 + before : start + size - after]
+            out += struct.pack("<I", n_stream) + cells + bytes(4 * (n_stream - 1))
+            start += size
+        return out
+
+
+class _Batch:
+    """A ``llama_batch`` over numpy arrays we own, so a step is filled by slice assignment.
+
+    llama.cpp reads one pointer per token for its sequence ids; each points at that token's
+    entry of :attr:`seq`, set once here, so the per-step work is the same slices as the rest.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.token = np.zeros(n, np.int32)
+        self.pos = np.zeros(n, np.int32)
+        self.n_seq_id = np.ones(n, np.int32)
+        self.seq = np.zeros(n, np.int32)
+        self.logits = np.zeros(n, np.int8)
+        self._seq_ptrs = (ctypes.c_void_p * n)(*(self.seq.ctypes.data + 4 * i for i in range(n)))
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        self.struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(i32),
+            embd=None,
+            pos=self.pos.ctypes.data_as(i32),
+            n_seq_id=self.n_seq_id.ctypes.data_as(i32),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
 
 
 class Context:
@@ -63,7 +125,7 @@ class Context:
         self.model = model
         self.params = params
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = params.n_ctx
+        cp.n_ctx = -(-params.n_ctx // KV_PAD) * KV_PAD * params.n_seq_max
         cp.n_seq_max = params.n_seq_max
         cp.n_batch = params.n_batch
         cp.n_ubatch = params.n_ubatch
@@ -71,7 +133,7 @@ class Context:
         # sizes its output and compute buffers for n_batch logit rows (96 MiB for SmolLM2 at
         # n_batch 512), so we ask for one row per sequence.
         cp.n_outputs_max = params.n_seq_max
-        cp.kv_unified = True  # one pool of cells shared by all sequences
+        cp.kv_unified = False  # one KV stream per sequence: see the module's docstring
         cp.swa_full = False  # sliding-window layers keep only their window
         cp.type_k = _KV_TYPES[params.type_k]
         cp.type_v = _KV_TYPES[params.type_v]
@@ -85,63 +147,75 @@ class Context:
                 n_ctx=params.n_ctx,
             )
         self.ptr = ptr
-        self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))  # all sequences together
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ptr))  # one sequence's stream
         # llama.cpp caps n_batch at the n_ctx it was asked for (before padding it to 256) and
         # aborts the process on a larger batch: every check below uses its own figure.
         self.n_batch = int(llama_cpp.llama_n_batch(ptr))
         self._memory = llama_cpp.llama_get_memory(ptr)
         self.seq_len = [0] * params.n_seq_max  # tokens held by each sequence
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        n = self.n_batch
-        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(n,))
-        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
-        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
-        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(n,))
-        self._seq_ids = [self._batch.seq_id[i] for i in range(n)]
+        self._batch = _Batch(self.n_batch)
+        # Device sampler chains attached to sequences, with what they were built from.
+        self._chains: dict[int, tuple[tuple[float, int, float, float, int], object]] = {}
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def decode(self, entries: Sequence[SeqBatch]) -> dict[int, int]:
-        """One llama_decode step. Returns, per sequence that wanted logits, the batch index of
-        its last token: the index llama.cpp's samplers and ``llama_get_logits_ith`` take."""
+    def decode(self, seqs: Int32s, tokens: Int32s, positions: Int32s, want: Int32s) -> None:
+        """One llama_decode over ``len(tokens)`` rows. Rows of one sequence are contiguous and
+        continue it (their positions start at its length); ``want`` marks the rows whose
+        logits (or device-sampled token) are read afterwards, by row index."""
         self.model.engine.check_thread()
-        total = sum(len(e.tokens) for e in entries)
-        if total == 0:
-            return {}
-        if total > self.n_batch:
-            raise InvalidInput(f"a step carries at most {self.n_batch} tokens, got {total}")
-        seqs = [e.seq_id for e in entries]
-        if len(set(seqs)) != len(seqs) or not all(0 <= s < self.params.n_seq_max for s in seqs):
-            raise InvalidInput(f"one entry per sequence, ids below {self.params.n_seq_max}")
-        outputs: dict[int, int] = {}
-        i = 0
-        for entry in entries:
-            n = len(entry.tokens)
-            if n == 0:
-                continue
-            start = self.seq_len[entry.seq_id]
-            self._tokens[i : i + n] = entry.tokens
-            self._pos[i : i + n] = np.arange(start, start + n, dtype=np.int32)
-            self._n_seq_id[i : i + n] = 1
-            self._logits[i : i + n] = 0
-            for j in range(i, i + n):
-                self._seq_ids[j][0] = entry.seq_id
-            if entry.want_logits:
-                self._logits[i + n - 1] = 1
-                outputs[entry.seq_id] = i + n - 1
-            i += n
-        self._batch.n_tokens = total
-        ret = llama_cpp.llama_decode(self.ptr, self._batch)
+        n = len(tokens)
+        if n == 0:
+            return
+        if n > self.n_batch:
+            raise InvalidInput(f"a step carries at most {self.n_batch} tokens, got {n}")
+        if int(seqs.min()) < 0 or int(seqs.max()) >= self.params.n_seq_max:
+            raise InvalidInput(f"sequence ids must be below {self.params.n_seq_max}")
+        b = self._batch
+        b.token[:n], b.pos[:n], b.seq[:n], b.logits[:n] = tokens, positions, seqs, want
+        b.struct.n_tokens = n
+        ret = llama_cpp.llama_decode(self.ptr, b.struct)
+        ends = np.append(np.flatnonzero(seqs[1:] != seqs[:-1]), n - 1)  # each run's last row
         if ret != 0:
-            self._resync(seqs)
+            self._resync(seqs[ends].tolist())
             if ret == 1:
-                raise KvCacheFull(f"no room in the KV pool ({self.n_ctx} cells) for {total} tokens")
+                raise KvCacheFull(f"no room in a KV stream ({self.n_ctx_seq} cells) for {n} tokens")
             raise EngineError(f"llama_decode failed with {ret}", ret=ret)
-        for entry in entries:
-            self.seq_len[entry.seq_id] += len(entry.tokens)
-        return outputs
+        for s, last in zip(seqs[ends].tolist(), positions[ends].tolist(), strict=True):
+            self.seq_len[s] = last + 1
 
-    def _resync(self, seqs: Sequence[int]) -> None:
+    def sampled_token(self, row: int) -> int:
+        """The token a device chain picked for ``row`` of the last decode."""
+        return int(llama_cpp.llama_get_sampled_token_ith(self.ptr, row))
+
+    def use_device_chain(self, seq: int, params: SamplingParams) -> None:
+        """Sample ``seq`` on the device from now on. Attaching a chain makes llama.cpp
+        rebuild its graph at the next decode (4 ms for SmolLM2 on 2 cores), so a chain stays
+        attached from one job to the next while the settings stay the same."""
+        key = params.device_key
+        held = self._chains.get(seq)
+        if held is not None and held[0] == key:
+            llama_cpp.llama_sampler_reset(held[1])  # a seeded draw starts over
+            return
+        self.use_host_sampling(seq)
+        chain = device_chain(params)
+        if not llama_cpp.llama_set_sampler(self.ptr, seq, chain):
+            llama_cpp.llama_sampler_free(chain)
+            raise EngineError(f"llama.cpp refused a device sampler for sequence {seq}")
+        self._chains[seq] = (key, chain)
+
+    def use_host_sampling(self, seq: int) -> None:
+        """Detach ``seq``'s device chain, if any: its logits come back to the host."""
+        held = self._chains.pop(seq, None)
+        if held is not None:
+            llama_cpp.llama_set_sampler(self.ptr, seq, None)
+            llama_cpp.llama_sampler_free(held[1])
+
+    def device_sampled(self, seq: int) -> bool:
+        return seq in self._chains
+
+    def _resync(self, seqs: list[int]) -> None:
         """After a failed step, take each sequence's length from llama.cpp's own memory."""
         for s in seqs:
             self.seq_len[s] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, s)) + 1
@@ -152,24 +226,39 @@ class Context:
         self.model.engine.check_thread()
         return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
 
-    def save_seq(self, seq_id: int, into: WritableBuffer) -> int:
-        """Copy sequence ``seq_id``'s state into ``into``; returns the bytes written."""
+    def save_seq(self, seq_id: int, into: WritableBuffer) -> StateLayout:
+        """Copy sequence ``seq_id``'s state into ``into``; returns how it is laid out."""
         self.model.engine.check_thread()
         size = self.seq_state_size(seq_id)
         if len(into) < size:
             raise InvalidInput(f"state of sequence {seq_id} needs {size} bytes, got {len(into)}")
+        partial = int(
+            llama_cpp.llama_state_seq_get_size_ext(
+                self.ptr, seq_id, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+            )
+        )
         ptr = (ctypes.c_uint8 * len(into)).from_buffer(into)  # type: ignore[arg-type]
         written = int(llama_cpp.llama_state_seq_get_data(self.ptr, ptr, size, seq_id))
         if written != size:
             raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        return written
+        # A sliding-window model's "partial" state is the header and its window cache alone,
+        # which comes last; any other model's is the whole state.
+        header = StateLayout.HEADER
+        sections = (size - partial, partial - header) if partial < size else (size - header,)
+        return StateLayout(self.params.n_seq_max, seq_id, sections)
 
-    def load_seq(self, seq_id: int, data: WritableBuffer, nbytes: int) -> None:
-        """Restore a saved state (``nbytes`` of ``data``) into the empty sequence ``seq_id``."""
+    def load_seq(self, seq_id: int, data: WritableBuffer, layout: StateLayout) -> None:
+        """Restore a saved state (laid out as ``layout`` in ``data``) into the empty sequence
+        ``seq_id``. From a context with as many sequences as this one it is read in place;
+        otherwise from a copy with the headers rewritten."""
         self.model.engine.check_thread()
         if self.seq_len[seq_id] != 0:
             raise EngineError(f"sequence {seq_id} is not empty")
-        ptr = (ctypes.c_uint8 * len(data)).from_buffer(data)  # type: ignore[arg-type]
+        source, nbytes = data, layout.nbytes
+        if layout.n_stream != self.params.n_seq_max:
+            source = layout.restreamed(data, self.params.n_seq_max)
+            nbytes = len(source)
+        ptr = (ctypes.c_uint8 * len(source)).from_buffer(source)  # type: ignore[arg-type]
         read = int(llama_cpp.llama_state_seq_set_data(self.ptr, ptr, nbytes, seq_id))
         if read != nbytes:
             self.clear_seq(seq_id)
@@ -208,6 +297,8 @@ class Context:
     def free(self) -> None:
         self.model.engine.check_thread()
         if self.ptr:
-            llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
+            for _, chain in self._chains.values():  # they must outlive the context
+                llama_cpp.llama_sampler_free(chain)
+            self._chains.clear()

@@ -31,7 +31,7 @@ def measure_allocation(
         model = registry.acquire(path, n_gpu_layers)
         try:
             params = ContextParams(
-                n_ctx=n_ctx * n_seq, n_seq_max=n_seq, n_batch=n_ubatch, n_ubatch=n_ubatch
+                n_ctx=n_ctx, n_seq_max=n_seq, n_batch=n_ubatch, n_ubatch=n_ubatch
             )
             context = Context(model, params)
             try:

@@ -45,6 +45,23 @@ class Model:
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
         self.refcount = 0
+        self._pieces: list[bytes] | None = None
+        self._eog: frozenset[int] | None = None
+
+    @property
+    def pieces(self) -> list[bytes]:
+        """Every token's bytes, by token id: built once (one llama.cpp call per token, about
+        0.3 s for a 262,144-token vocabulary) so that a decode step only indexes a list."""
+        if self._pieces is None:
+            self._pieces = [self.token_bytes(t) for t in range(self.n_vocab)]
+        return self._pieces
+
+    @property
+    def end_of_generation(self) -> frozenset[int]:
+        """The tokens that end a reply (EOS, EOT and the like)."""
+        if self._eog is None:
+            self._eog = frozenset(t for t in range(self.n_vocab) if self.is_end_of_generation(t))
+        return self._eog
 
     @property
     def path(self) -> Path:

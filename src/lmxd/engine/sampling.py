@@ -1,4 +1,11 @@
-"""Sampling: the parameters a request may set, and llama.cpp's sampler chain built from them."""
+"""Sampling: the parameters a request may set, and the llama.cpp sampler chains built from them.
+
+Two kinds of chain. A *device chain* is attached to a sequence of a context and runs inside
+``llama_decode``'s graph (llama.cpp's backend samplers): greedy, top-k, top-p, min-p,
+temperature and a seeded draw, with no logits copied to the host. A *host chain*
+(:class:`Sampler`) reads the logits on the host: what the device cannot do (a grammar,
+repetition penalties) and what needs the raw logits (log probabilities).
+"""
 
 from __future__ import annotations
 
@@ -54,9 +61,39 @@ class SamplingParams:
             or self.presence_penalty != 0.0
         )
 
+    @property
+    def device_key(self) -> tuple[float, int, float, float, int]:
+        """What a device chain is built from: two jobs with the same key share one chain."""
+        if self.greedy:
+            return (0.0, 0, 0.0, 0.0, 0)
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+
+
+def _add_sampling(chain: llama_cpp.llama_sampler_p, params: SamplingParams) -> None:
+    """The choice itself, after any grammar and penalties: greedy, or filter then draw."""
+    add = llama_cpp.llama_sampler_chain_add
+    if params.greedy:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return
+    if params.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+    add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+    add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
+
+
+def device_chain(params: SamplingParams) -> llama_cpp.llama_sampler_p:
+    """A chain for ``llama_set_sampler``; the caller frees it after the context."""
+    chain: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_chain_init(
+        llama_cpp.llama_sampler_chain_default_params()
+    )
+    _add_sampling(chain, params)
+    return chain
+
 
 class Sampler:
-    """A llama.cpp sampler chain for one generation. Engine thread only; call :meth:`free`.
+    """A host sampler chain for one generation. Engine thread only; call :meth:`free`.
 
     A grammar, when given, comes first: it rules out every token that cannot continue the
     grammar, and what follows picks among the rest (greedy takes the best allowed token).
@@ -92,15 +129,7 @@ class Sampler:
             for token in history:
                 llama_cpp.llama_sampler_accept(penalties, token)
             add(chain, penalties)
-        if params.greedy:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
-            add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-            add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-            add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-            add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
+        _add_sampling(chain, params)
 
     def sample(self, ctx: llama_cpp.llama_context_p, output_index: int) -> int:
         """Pick the next token from the logits of batch output ``output_index``."""

@@ -151,7 +151,8 @@ def estimate(
     beyond_training: bool = False,
     swa_full: bool = False,
 ) -> MemoryEstimate:
-    """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each over one KV pool.
+    """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each, each sequence with a
+    KV stream of its own (lmxd's contexts set ``kv_unified=false``).
 
     ``beyond_training`` sizes contexts longer than the model was trained for, as the
     article's naive set-up did (n_ctx 172,032 for every model); lmxd itself refuses them.
@@ -162,11 +163,14 @@ def estimate(
         raise ContextSizeError(f"n_seq must be >= 1, got {n_seq}", n_seq=n_seq)
     weights, weights_host = weight_bytes(info, backend, n_gpu_layers)
 
-    # KV cache (llama-kv-cache.cpp): per layer, n_head_kv heads of K and V rows per cell.
-    cells = _pad(n_ctx * n_seq, KV_PAD)
-    # Sliding-window layers keep the window of every sequence plus one ubatch
-    # (llama-kv-cache-iswa.cpp, unified pool, swa_full off).
-    swa_cells = cells if swa_full else _pad(min(cells, info.n_swa * n_seq + n_ubatch), KV_PAD)
+    # KV cache (llama-kv-cache.cpp): per layer, n_head_kv heads of K and V rows per cell; one
+    # stream of n_ctx cells (padded) per sequence.
+    stream = _pad(n_ctx, KV_PAD)
+    cells = stream * n_seq
+    # Sliding-window layers keep, per stream, the window plus one ubatch
+    # (llama-kv-cache-iswa.cpp, one stream per sequence, swa_full off).
+    swa_stream = stream if swa_full else _pad(min(stream, info.n_swa + n_ubatch), KV_PAD)
+    swa_cells = swa_stream * n_seq
     full_per_token = swa_per_token = 0
     for il in range(info.n_layer):
         k = _type_bytes(type_k, info.n_head_kv[il] * info.head_dim_k)
@@ -178,12 +182,12 @@ def estimate(
     kv = full_per_token * cells + swa_per_token * swa_cells
 
     # Compute buffers (llama-context.cpp sched_reserve): the largest graph is a full ubatch
-    # attending over the whole pool. Flash attention takes an f16 mask per KV cache of
-    # (cells x ubatch); the activations scale with the ubatch. A one-token graph's peak is the
-    # logits rows instead, when those are larger.
+    # attending over a whole stream. Flash attention takes an f16 mask per KV cache of
+    # (stream cells x ubatch); the activations scale with the ubatch. A one-token graph's peak
+    # is the logits rows instead, when those are larger.
     ubatch = min(n_ubatch, cells)
-    masks = 2 * ubatch * (cells if full_per_token else 0) + 2 * ubatch * (
-        swa_cells if swa_per_token else 0
+    masks = 2 * ubatch * (stream if full_per_token else 0) + 2 * ubatch * (
+        swa_stream if swa_per_token else 0
     )
     logits = 4 * info.n_vocab * n_seq  # one row per sequence (n_outputs_max = n_seq)
     compute = max(logits, masks + ubatch * _activation_bytes_per_token(info)) + COMPUTE_SLACK

@@ -12,7 +12,6 @@ from lmxd.scheduler.jobs import (
     Conversation,
     DecodeRequest,
     Job,
-    Piece,
     Prompt,
     TextPrompt,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "Conversation",
     "DecodeRequest",
     "Job",
-    "Piece",
     "Prompt",
     "Scheduler",
     "SchedulerConfig",

@@ -84,6 +84,7 @@ class Agent:
     reply_at: int = 0  # where in ``text`` the last reply starts
     history: list[ChatMessage] = field(default_factory=list)  # chat mode: messages so far
     seq: int | None = None  # sequence id while resident
+    kv: int = 0  # tokens its sequence holds while resident, as the engine last reported
     parked: ParkedState | None = None  # saved state while parked
     jobs: list[Job] = field(default_factory=list)  # FIFO; the head is the one in progress
     last_used: float = field(default_factory=time.time)
@@ -101,6 +102,6 @@ class Agent:
     @property
     def kv_tokens(self) -> int:
         """Tokens of this agent's conversation held in KV (resident or parked)."""
-        if self.seq is not None and self.slot.context is not None:
-            return self.slot.context.seq_len[self.seq]
+        if self.seq is not None:
+            return self.kv
         return self.parked.n_tokens if self.parked is not None else 0

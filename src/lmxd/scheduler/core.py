@@ -4,8 +4,9 @@ One asyncio task runs :meth:`Scheduler.run`. Each turn it picks the next model w
 (round robin), admits that model's queued jobs whose agents can be made resident, and runs a
 slice of steps: one ``llama_decode`` per step over one batch in which every active agent of
 the model has one entry (a prompt chunk, or its last sampled token). Models take turns a slice
-at a time, so agents of one model never starve the others. The engine thread executes each
-step (``steps.py``); nothing here blocks on llama.cpp.
+at a time, so agents of one model never starve the others. The engine's stepper executes the
+slice with plain values in and out (sequence ids in; per sequence, the tokens it gained and its
+reply once ended); this module applies what comes back. Nothing here blocks on llama.cpp.
 
 Everything that touches the engine (steps, REGISTER, RESET, UNREGISTER) holds ``self._lock``,
 so none of it interleaves with a step.
@@ -22,6 +23,7 @@ from pathlib import Path
 from lmxd.chat.messages import ChatMessage
 from lmxd.engine.runtime import Engine
 from lmxd.engine.sampling import SamplingParams
+from lmxd.engine.stepper import ReplySpec, SeqReport, SliceControl
 from lmxd.errors import (
     AgentExists,
     Busy,
@@ -29,18 +31,19 @@ from lmxd.errors import (
     InvalidInput,
     LmxdError,
     ParkBudgetExceeded,
+    PromptTooLong,
     UnknownAgent,
 )
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
-from lmxd.results import DecodeResult, StopReason
+from lmxd.results import DecodeResult, Piece, StopReason
 from lmxd.scheduler.agents import Agent, AgentState
-from lmxd.scheduler.jobs import DecodeRequest, Job, Piece
+from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import ModelSlot
-from lmxd.scheduler.steps import plan_step, prepare, run_steps
+from lmxd.scheduler.steps import begin, common_prefix, conversation
 
 log = logging.getLogger("lmxd.scheduler")
 _GATHER_YIELDS = 4  # loop turns; each costs microseconds
@@ -134,7 +137,11 @@ class Scheduler:
             events=asyncio.Queue() if request.stream else None,
         )
         agent.jobs.append(job)
-        agent.slot.submitted += 1
+        if agent.slot.control is not None:
+            # It joins the batch at the next step instead of after the slice: requests
+            # arriving a few milliseconds apart, as HTTP requests on several connections do,
+            # share their prefill.
+            agent.slot.control.stop = True
         if agent.idle:
             agent.move(AgentState.QUEUED)
         self._wake.set()
@@ -143,6 +150,9 @@ class Scheduler:
     def cancel(self, job: Job) -> None:
         """Stop ``job`` at its next step; its reply says ``cancelled``."""
         job.cancelled = True
+        control = job.agent.slot.control
+        if control is not None:
+            control.stop = True
         self._wake.set()
 
     def stream_read(self, job: Job) -> None:
@@ -196,8 +206,8 @@ class Scheduler:
         # UNKNOWN_AGENT instead of a place in a queue nobody will serve.
         del slot.agents[agent.id], self.agents[agent.id]
         for job in agent.jobs:
-            if job.generation is not None:
-                await self.engine.acall(job.generation.cancel)
+            if job.started and slot.stepper is not None and agent.seq is not None:
+                await self.engine.acall(slot.stepper.drop, agent.seq)
             job.fail(Cancelled(f"agent {agent.id!r} was unregistered", agent=agent.id))
         agent.jobs.clear()
         await self.room.drop(agent)
@@ -255,9 +265,10 @@ class Scheduler:
         await self._admit(slot)
         active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
         for agent in [a for a in active if a.jobs[0].cancelled]:
-            if agent.jobs[0].generation is not None:
-                await self.engine.acall(agent.jobs[0].generation.cancel)
-            self._finish(agent, agent.jobs[0], StopReason.CANCELLED)
+            job = agent.jobs[0]
+            assert slot.stepper is not None and agent.seq is not None
+            job.reply = await self.engine.acall(slot.stepper.cancel, agent.seq)
+            self._finish(agent, job, StopReason.CANCELLED)
             active.remove(agent)
         active = [a for a in active if not self._stalled(a.jobs[0])]
         if active:
@@ -306,7 +317,7 @@ class Scheduler:
                 if not await self.room.make_resident(agent, job):
                     unseated.append(agent)
                     continue
-                await self.engine.acall(prepare, agent, job)
+                await self._prepare(agent, job)
             except LmxdError as exc:
                 self._fail(agent, job, exc)
                 continue
@@ -317,62 +328,108 @@ class Scheduler:
             for agent in unseated:
                 self._fail(agent, agent.jobs[0], self._no_room(slot))
 
+    async def _prepare(self, agent: Agent, job: Job) -> None:
+        """Tokenize the job's conversation, keep what KV holds of it, and start its reply.
+
+        The agent's conversation continues: the longest prefix of the new conversation that
+        KV already holds is kept and only the rest is prefilled (a conversation that diverged,
+        or a reply a template renders differently from the tokens generated, loses only its
+        tail).
+        """
+        slot, seq = agent.slot, agent.seq
+        assert slot.stepper is not None and seq is not None
+        want = conversation(agent, job)
+        tokens = want.prefix + await self.engine.acall(
+            slot.model.tokenize, want.text, want.add_special
+        )
+        if not tokens:
+            raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
+        if len(tokens) >= agent.n_ctx:
+            raise PromptTooLong(
+                f"the conversation would be {len(tokens)} tokens; agent {agent.id!r} has n_ctx "
+                f"{agent.n_ctx} (RESET it, or register it with a larger n_ctx)",
+                tokens=len(tokens),
+                n_ctx=agent.n_ctx,
+            )
+        # At least one token to decode: its logits start the reply.
+        keep = min(common_prefix(agent.tokens[: agent.kv], tokens), len(tokens) - 1)
+        request = job.request
+        spec = ReplySpec(
+            max_tokens=request.max_tokens,
+            sampling=job.sampling,
+            stops=job.stops,
+            limit=agent.n_ctx,
+            history=tuple(tokens) if job.sampling.penalised else (),
+            grammar=request.grammar,
+            top_logprobs=request.top_logprobs,
+        )
+        kept = await self.engine.acall(begin, slot.stepper, seq, tokens, keep, spec)
+        agent.tokens, agent.kv = tokens, kept
+        job.started = True
+        job.prompt_tokens = len(tokens) - kept
+        job.cached_tokens = kept
+
     async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
-        assert slot.context is not None
-        plan = plan_step(active, slot.context.n_batch)
-        need = sum(len(tokens) for _, tokens in plan.entries)
-        if slot.free_cells() < need:
-            await self.room.make_room(slot, need, plan.entries[0][0].jobs[0])
-            plan = plan.fitted(slot.free_cells())
-            if not plan.entries:
-                for agent in active:
-                    self._fail(
-                        agent,
-                        agent.jobs[0],
-                        Busy(
-                            f"model {slot.key}'s KV pool is full of decoding agents; try again",
-                            model=slot.key,
-                            pool_cells=slot.pool_cells,
-                        ),
-                    )
-                return
+        """One slice of steps for ``active`` on the engine thread, then its outcome applied."""
+        assert slot.stepper is not None
         loop = asyncio.get_running_loop()
+        control = slot.control = SliceControl()
+        by_seq = {agent.seq: agent for agent in active}
 
-        def emit(job: Job, piece: Piece) -> None:  # on the engine thread
-            if job.events is not None:
-                loop.call_soon_threadsafe(job.events.put_nowait, piece)
+        def deliver(pieces: list[tuple[int, Piece]]) -> None:  # on the event loop
+            for seq, piece in pieces:
+                job = by_seq[seq].jobs[0]
+                if job.events is not None:
+                    job.events.put_nowait(piece)
+                    if job.stream_full:  # its client is not reading: it sits out
+                        control.paused.add(seq)
 
+        def emit(pieces: list[tuple[int, Piece]]) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(deliver, pieces)
+
+        seqs = [agent.seq for agent in active if agent.seq is not None]
         try:
-            await self.engine.acall(run_steps, slot, plan, self.config.slice_steps, emit)
+            reports = await self.engine.acall(
+                slot.stepper.run, seqs, self.config.slice_steps, control, emit
+            )
         except LmxdError as exc:
-            for agent, _ in plan.entries:
+            for agent in active:
                 self._fail(agent, agent.jobs[0], exc)
             return
-        for agent, _ in plan.entries:
-            job = agent.jobs[0]
-            if job.error is not None:
-                self._fail(agent, job, job.error)
-            elif job.generation is not None and job.generation.done:
-                self._finish(agent, job, job.generation.stop_reason)
-            else:
-                self._stalled(job)  # a full stream starts its timeout now
+        finally:
+            slot.control = None
+        for seq, report in reports.items():
+            self._apply(by_seq[seq], report)
         slot.last_used = time.monotonic()
         if self.config.park_after_decode:
             for agent in slot.idle_residents():
                 await self.room.park(agent)
             await self.room.close_if_unused(slot)
 
+    def _apply(self, agent: Agent, report: SeqReport) -> None:
+        """What a slice did to one agent: its conversation grew; its reply may have ended."""
+        job = agent.jobs[0]
+        agent.tokens.extend(report.generated)
+        agent.kv = report.kv_tokens
+        job.timings.prefill += report.prefill_s
+        job.timings.decode += report.decode_s
+        if report.reply is not None:
+            job.reply = report.reply
+            self._finish(agent, job, report.reply.stop_reason)
+        else:
+            self._stalled(job)  # a full stream starts its timeout now
+
     # -- endings -----------------------------------------------------------------------------
 
     def _finish(self, agent: Agent, job: Job, reason: StopReason | None) -> None:
-        gen = job.generation
-        text = gen.text if gen is not None else ""
+        reply = job.reply
+        text = reply.text if reply is not None else ""
         if job.timings.admitted is not None:  # prepared: its prompt is the conversation now
             self._remember(agent, job)
         timings = job.timings.as_ms()
-        generated = len(gen.tokens) if gen is not None else 0
+        generated = reply.n_tokens if reply is not None else 0
         decode_s = timings["decode"] / 1000
-        wanted_logprobs = gen is not None and job.request.top_logprobs is not None
+        wanted_logprobs = reply is not None and job.request.top_logprobs is not None
         result = DecodeResult(
             agent=agent.id,
             text=text,
@@ -384,7 +441,7 @@ class Scheduler:
             restored=job.restored,
             parked=job.parked,
             tokens_per_s=round(generated / decode_s, 2) if decode_s > 0 else 0.0,
-            logprobs=gen.logprobs if gen is not None and wanted_logprobs else None,
+            logprobs=reply.logprobs if reply is not None and wanted_logprobs else None,
         )
         self._end(agent, job)
         self._replies.append((job, result))
@@ -393,14 +450,14 @@ class Scheduler:
         """What the agent's conversation is once ``job`` is done: its history, and the text its
         tokens spell (the rendered conversation and every token of the reply, the text after
         a stop string included: they are in the sequence)."""
-        gen = job.generation
+        reply = job.reply
         if job.history is not None:  # a chat, or a whole conversation; [] for a raw prompt
-            reply = ChatMessage("assistant", gen.text if gen is not None else "")
-            agent.history = [*job.history, reply] if job.history else []
+            answer = ChatMessage("assistant", reply.text if reply is not None else "")
+            agent.history = [*job.history, answer] if job.history else []
         if job.text is None:
             agent.text = None  # raw text appended: tokenize afresh next time
             return
-        agent.text = job.text + (gen.spelled if gen is not None else "")
+        agent.text = job.text + (reply.spelled if reply is not None else "")
         agent.text_bos, agent.reply_at = job.add_bos, len(job.text)
 
     def _send_replies(self) -> None:
@@ -413,8 +470,9 @@ class Scheduler:
         log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
         agent.text = None  # its tokens may have changed: tokenize the next prompt afresh
         job.fail(exc)
-        if job.generation is not None:  # free its sampler chain, on the engine thread
-            self.engine.post(job.generation.cancel)
+        stepper, seq = agent.slot.stepper, agent.seq
+        if job.started and stepper is not None and seq is not None:
+            self.engine.post(lambda: stepper.drop(seq))  # frees a host sampler chain
         self._end(agent, job, stream_ended=True)
 
     def _end(self, agent: Agent, job: Job, stream_ended: bool = False) -> None:

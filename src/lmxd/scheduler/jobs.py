@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from lmxd.chat.messages import ChatMessage
 from lmxd.chat.template import Rendered
-from lmxd.engine.generate import Generation
 from lmxd.engine.sampling import SamplingParams
+from lmxd.engine.stepper import Reply
 from lmxd.errors import LmxdError
-from lmxd.results import DecodeResult, TokenLogprob
+from lmxd.results import DecodeResult, Piece
 
 if TYPE_CHECKING:
     from lmxd.scheduler.agents import Agent
@@ -66,14 +66,6 @@ class DecodeRequest:
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives each
 
 
-@dataclass(frozen=True)
-class Piece:
-    """New text of a streamed reply, with the log probabilities of the tokens behind it."""
-
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
 class DecodeTimings:
     """Milliseconds a job spent in each phase."""
 
@@ -109,14 +101,13 @@ class Job:
     events: asyncio.Queue[Piece | None] | None  # streamed pieces, then None; unbounded, but
     # the scheduler stops stepping the job while STREAM_BUFFER pieces wait unread
     stops: tuple[str, ...] = ()
-    pending: list[int] = field(default_factory=list)  # tokens still to prefill
+    started: bool = False  # its reply is on the stepper (prompt tokenized, prefill begun)
     prompt_tokens: int = 0  # tokens this job adds to the conversation's KV
     cached_tokens: int = 0  # tokens of the conversation found in KV already
     text: str | None = None  # the conversation's text once rendered (None: raw text prompts)
     add_bos: bool = False  # the text was tokenized with the model's BOS
     history: list[ChatMessage] | None = None  # chat jobs: the history once the reply is in
-    generation: Generation | None = None
-    error: LmxdError | None = None  # set on the engine thread when the job cannot go on
+    reply: Reply | None = None  # once it has ended
     restored: bool = False
     parked: list[str] = field(default_factory=list)  # agents parked to make room for this job
     cancelled: bool = False

@@ -1,10 +1,11 @@
 """Making room: contexts opened under the ledger, idle agents parked, parked agents restored.
 
 Every way of getting memory for an agent is here, in the order the scheduler tries them:
-a free sequence and free cells in its model's context; else park that model's least recently
-used idle agents (their state goes to host RAM and their cells are freed); for a context that
-does not exist yet, reserve it in the ledger, closing other models' contexts whose agents are
-all idle (least recently used first) until it fits. Each park is one structured log line.
+a free sequence of its model's context (each sequence has a KV stream of its own, as large as
+the largest n_ctx among the model's agents); else park that model's least recently used idle
+agent (its state goes to host RAM and its cells are freed); for a context that does not exist
+yet, reserve it in the ledger, closing other models' contexts whose agents are all idle (least
+recently used first) until it fits. Each park is one structured log line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.runtime import Engine
+from lmxd.engine.stepper import Stepper
 from lmxd.errors import LmxdError, ParkBudgetExceeded
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
@@ -54,14 +56,13 @@ def _save_and_clear(ctx: Context, seq: int, store: KvStore) -> ParkedState | Non
     buffer = store.allocate(size)
     if buffer is None:
         return None
-    state = ParkedState(buffer, size, n_tokens)
     try:
-        ctx.save_seq(seq, buffer)
+        layout = ctx.save_seq(seq, buffer)
     except LmxdError:
-        store.free(state)
+        store.release(buffer)
         raise
     ctx.clear_seq(seq)
-    return state
+    return ParkedState(buffer, layout, n_tokens)
 
 
 class Residency:
@@ -85,6 +86,7 @@ class Residency:
         return Request(f"model:{key}", {"weights": device}, key=f"weights:{info.path}")
 
     def context_request(self, key: str, info: ModelInfo, n_ctx: int, n_seq: int) -> Request:
+        """``n_seq`` sequences with a stream of ``n_ctx`` cells each."""
         est = estimate(
             info, n_ctx, n_seq, backend=self.config.backend, n_ubatch=self.config.n_batch
         )
@@ -109,8 +111,8 @@ class Residency:
         Raises the ledger's denial when nothing will ever make room.
         """
         n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
-        wanted = sum(sorted((a.n_ctx for a in slot.agents.values()), reverse=True)[:n_seq])
-        shapes = [(-(-wanted // n_seq), n_seq), (agent.n_ctx, 1)]
+        stream = max(a.n_ctx for a in slot.agents.values())
+        shapes = [(stream, n_seq), (agent.n_ctx, 1)]
         denial: Denial | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
             request = self.context_request(slot.key, slot.info, n_ctx, seqs)
@@ -132,9 +134,8 @@ class Residency:
     async def _create_context(
         self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
     ) -> None:
-        cells = -(-n_ctx * n_seq // 256) * 256  # llama.cpp pads to 256; ask for that directly
         params = ContextParams(
-            n_ctx=cells,
+            n_ctx=n_ctx,
             n_seq_max=n_seq,
             n_batch=self.config.n_batch,
             n_ubatch=self.config.n_batch,
@@ -145,6 +146,7 @@ class Residency:
         except LmxdError:
             self.ledger.release(res)
             raise
+        slot.stepper = await self.engine.acall(Stepper, slot.context)
         slot.context_reservation = res
         slot.seqs = [None] * n_seq
         log.info(
@@ -170,7 +172,7 @@ class Residency:
                     budget_bytes=self.store.budget,
                     used_bytes=self.store.used,
                 )
-        ctx, slot.context, slot.seqs = slot.context, None, []
+        ctx, slot.context, slot.seqs, slot.stepper = slot.context, None, [], None
         if ctx is not None:
             await self.engine.acall(ctx.free)
         if slot.context_reservation is not None:
@@ -190,7 +192,7 @@ class Residency:
         before = agent.state  # RESIDENT, or QUEUED when its context is being reopened
         agent.move(AgentState.PARKING)
         t0 = time.perf_counter()
-        if ctx.seq_len[seq] == 0:
+        if agent.kv == 0:
             state = None
         else:
             try:
@@ -202,9 +204,11 @@ class Residency:
                 agent.move(AgentState.QUEUED if agent.jobs else before)
                 return False
         slot.seqs[seq] = None
-        agent.seq, agent.parked = None, state
-        # A DECODE may have arrived while the copy ran: then the agent waits its turn.
-        agent.move(AgentState.QUEUED if agent.jobs else AgentState.PARKED)
+        agent.seq, agent.parked, agent.kv = None, state, 0
+        # A DECODE may have arrived while the copy ran: then the agent waits its turn. With
+        # nothing to copy, the agent holds nothing anywhere: it is empty, not parked.
+        idle = AgentState.PARKED if state is not None else AgentState.EMPTY
+        agent.move(AgentState.QUEUED if agent.jobs else idle)
         elapsed = time.perf_counter() - t0
         nbytes = state.nbytes if state else 0
         self.transfers.parks += 1
@@ -231,34 +235,32 @@ class Residency:
             slot.seqs[agent.seq] = None
         if agent.parked is not None:
             self.store.free(agent.parked)
-        agent.seq, agent.parked = None, None
+        agent.seq, agent.parked, agent.kv = None, None, 0
 
-    def _outgrown(self, slot: ModelSlot) -> bool:
-        """More agents than sequences, no free sequence, and none of them busy: the context
-        can be closed (every resident parked) and reopened larger without stalling anyone."""
+    def _outgrown(self, slot: ModelSlot, agent: Agent) -> bool:
+        """The context is too small for ``agent`` (its stream is shorter than the agent's
+        n_ctx), or has fewer sequences than agents and none free."""
         wanted = min(len(slot.agents), self.config.max_seqs)
-        busy = any(
-            a.state
-            not in (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY, AgentState.QUEUED)
-            for a in slot.agents.values()
-        )
-        return len(slot.seqs) < wanted and slot.free_seq() is None and not busy
+        short = len(slot.seqs) < wanted and slot.free_seq() is None
+        return short or slot.stream_cells < agent.n_ctx
 
-    async def make_room(self, slot: ModelSlot, cells: int, job: Job) -> bool:
-        """Park idle agents of ``slot`` until ``cells`` are free. False if they cannot be."""
-        for victim in slot.idle_residents():
-            if slot.free_cells() >= cells:
-                break
-            await self.park(victim, job)
-        return slot.free_cells() >= cells
+    @staticmethod
+    def _none_busy(slot: ModelSlot) -> bool:
+        """Every agent idle or waiting: the context can be closed (every resident parked)
+        and reopened in another shape without stalling anyone."""
+        idle = (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY, AgentState.QUEUED)
+        return all(a.state in idle for a in slot.agents.values())
 
     async def make_resident(self, agent: Agent, job: Job) -> bool:
         """Give ``agent`` a sequence, restoring its parked state. False: wait and try again."""
         slot = agent.slot
         if agent.seq is not None:
             return True
-        if slot.context is not None and self._outgrown(slot):
-            await self.close_context(slot, job)  # reopened below, with room for every agent
+        if slot.context is not None and self._outgrown(slot, agent):
+            if self._none_busy(slot):
+                await self.close_context(slot, job)  # reopened below, with room for every agent
+            elif slot.stream_cells < agent.n_ctx:
+                return False  # the agent waits until the context can be reopened larger
         if slot.context is None and not await self.open_context(slot, agent, job):
             return False
         seq = slot.free_seq()
@@ -268,9 +270,6 @@ class Residency:
                 return False
             seq = slot.free_seq()
             assert seq is not None
-        need = agent.parked.n_tokens if agent.parked is not None else 0
-        if not await self.make_room(slot, need, job):
-            return False
         assert slot.context is not None
         slot.seqs[seq], agent.seq = agent.id, seq
         if agent.parked is not None:
@@ -278,7 +277,7 @@ class Residency:
             t0 = time.perf_counter()
             state = agent.parked
             try:
-                await self.engine.acall(slot.context.load_seq, seq, state.buffer, state.nbytes)
+                await self.engine.acall(slot.context.load_seq, seq, state.buffer, state.layout)
             except LmxdError:
                 slot.seqs[seq], agent.seq = None, None
                 agent.move(AgentState.PARKED)
@@ -290,7 +289,7 @@ class Residency:
             self.transfers.restore_bytes += state.nbytes
             self.transfers.restore_s += elapsed
             self.store.free(state)
-            agent.parked = None
+            agent.parked, agent.kv = None, state.n_tokens
             log.info(
                 "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
                 agent.id,

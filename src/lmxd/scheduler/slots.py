@@ -16,6 +16,7 @@ from pathlib import Path
 from lmxd.chat.template import ChatTemplate
 from lmxd.engine.context import Context
 from lmxd.engine.model import Model
+from lmxd.engine.stepper import SliceControl, Stepper
 from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Agent, AgentState
@@ -34,20 +35,23 @@ class ModelSlot:
     weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
     context: Context | None = None
     context_reservation: Reservation | None = None
+    stepper: Stepper | None = None  # with the context
+    control: SliceControl | None = None  # while a slice of this model runs
     seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
     unload_timer: asyncio.TimerHandle | None = None
-    submitted: int = 0  # DECODEs submitted for this model so far (a slice ends when it moves)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def pool_cells(self) -> int:
         return self.context.n_ctx if self.context is not None else 0
 
-    def used_cells(self) -> int:
-        return sum(self.context.seq_len) if self.context is not None else 0
+    @property
+    def stream_cells(self) -> int:
+        """Cells of one sequence's KV stream: the most one resident agent can hold."""
+        return self.context.n_ctx_seq if self.context is not None else 0
 
-    def free_cells(self) -> int:
-        return self.pool_cells - self.used_cells()
+    def used_cells(self) -> int:
+        return sum(a.kv for a in self.residents())
 
     def free_seq(self) -> int | None:
         return next((i for i, owner in enumerate(self.seqs) if owner is None), None)

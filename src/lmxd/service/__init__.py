@@ -6,7 +6,8 @@ builds (:class:`DecodeRequest` and its prompts, :class:`Exchange`) and the value
 it needs to know.
 """
 
-from lmxd.scheduler.jobs import ChatTurn, Conversation, DecodeRequest, Piece, TextPrompt
+from lmxd.results import Piece
+from lmxd.scheduler.jobs import ChatTurn, Conversation, DecodeRequest, TextPrompt
 from lmxd.service.core import DecodeStream, Exchange, Limits, Service
 from lmxd.service.views import AgentView, LoadedModel, Registered
 

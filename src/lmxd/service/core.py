@@ -33,16 +33,8 @@ from lmxd.errors import (
 )
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
-from lmxd.results import DecodeResult
-from lmxd.scheduler import (
-    Agent,
-    AgentState,
-    Conversation,
-    DecodeRequest,
-    Job,
-    Piece,
-    Scheduler,
-)
+from lmxd.results import DecodeResult, Piece
+from lmxd.scheduler import Agent, AgentState, Conversation, DecodeRequest, Job, Scheduler
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
 from lmxd.service.views import AgentView, LoadedModel, Registered

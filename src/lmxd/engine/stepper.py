@@ -1,0 +1,328 @@
+"""The decode loop: replies of several sequences advanced together, one ``llama_decode`` a step.
+
+The scheduler decides which sequences step and for how long; the :class:`Stepper` executes,
+on the engine thread, with plain values in and out. :meth:`Stepper.start` gives a sequence the
+prompt tokens it still has to decode and what its reply may be (:class:`ReplySpec`);
+:meth:`Stepper.run` steps a set of sequences, each step one batch in which every generating
+sequence brings its last token and prompts fill the rest, and returns a :class:`SeqReport` per
+sequence. Text goes out as it is sampled through ``emit``, once per step.
+
+Sampling happens on the device where llama.cpp's backend samplers can do it (greedy,
+top-k, top-p, min-p, temperature, a seeded draw): no logits cross to the host and no chain
+scans the vocabulary on the CPU. A grammar, repetition penalties or log probabilities need the
+logits on the host, and get llama.cpp's host chain. The per-token work left in Python is a list
+lookup of the token's bytes, an incremental UTF-8 decode and the stop-string check.
+
+The same loop serves the daemon, the benchmarks and the engine's tests (:meth:`generate`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from lmxd.engine.context import Context
+from lmxd.engine.sampling import Sampler, SamplingParams
+from lmxd.engine.textstream import StopMatcher, TokenTextDecoder
+from lmxd.errors import InvalidInput
+from lmxd.results import Piece, StopReason, TokenLogprob, TopLogprob
+
+Emit = Callable[[list[tuple[int, Piece]]], None]
+
+
+@dataclass(frozen=True)
+class ReplySpec:
+    """What one reply may be: its length, sampling, stops and limits."""
+
+    max_tokens: int
+    sampling: SamplingParams
+    stops: tuple[str, ...] = ()
+    limit: int = 0  # tokens the sequence may hold in all (the agent's n_ctx; 0 = its stream)
+    history: tuple[int, ...] = ()  # the conversation so far, for repetition penalties
+    grammar: str | None = None  # GBNF the reply must follow
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives each
+
+    @property
+    def on_device(self) -> bool:
+        """Whether llama.cpp's backend samplers can make every choice of this reply."""
+        return self.grammar is None and not self.sampling.penalised and self.top_logprobs is None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A finished reply."""
+
+    text: str  # as shown: cut before a stop string
+    spelled: str  # the text of every token kept in the sequence, stop string or not
+    n_tokens: int  # tokens generated and kept (an end-of-generation token is not)
+    logprobs: list[TokenLogprob]
+    stop_reason: StopReason
+
+
+@dataclass
+class SeqReport:
+    """What one :meth:`Stepper.run` did to one sequence."""
+
+    generated: list[int] = field(default_factory=list)  # tokens the conversation gained
+    kv_tokens: int = 0  # tokens the sequence holds in KV now
+    prefill_s: float = 0.0  # time of the steps that carried its prompt
+    decode_s: float = 0.0  # time of the steps that carried its generated tokens
+    reply: Reply | None = None  # set once the reply has ended
+
+
+class SliceControl:
+    """Written by the event loop while a :meth:`Stepper.run` goes on, read between steps.
+
+    Plain attributes: each write and read is one bytecode, atomic under the GIL.
+    """
+
+    def __init__(self) -> None:
+        self.stop = False  # end the run after the current step (a new job wants in)
+        self.paused: set[int] = set()  # sequences whose client is not reading: sit out
+
+
+class _Work:
+    """A sequence's reply in progress: engine-thread state, never seen by the scheduler."""
+
+    def __init__(self, seq: int, prompt: list[int], spec: ReplySpec, sampler: Sampler | None):
+        self.seq = seq
+        self.pending = prompt  # prompt tokens still to decode
+        self.spec = spec
+        self.sampler = sampler  # a host chain, or None: sampled on the device
+        self.last = -1  # the token to decode next once generating
+        self.n_tokens = 0
+        self.decoder = TokenTextDecoder()
+        self.stopper = StopMatcher(spec.stops) if spec.stops else None
+        self.text: list[str] = []
+        self.spelled: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.stop_reason: StopReason | None = None
+
+    def end(self, reason: StopReason) -> str:
+        self.stop_reason = reason
+        flushed = self.decoder.flush()
+        self.spelled.append(flushed)
+        tail = flushed
+        if self.stopper is not None:
+            tail = self.stopper.feed(flushed) + self.stopper.flush()
+        self.text.append(tail)
+        if self.sampler is not None:
+            self.sampler.free()
+        return tail
+
+    def reply(self) -> Reply:
+        assert self.stop_reason is not None
+        text, spelled = "".join(self.text), "".join(self.spelled)
+        return Reply(text, spelled, self.n_tokens, self.logprobs, self.stop_reason)
+
+
+class Stepper:
+    """Replies on the sequences of one context. Engine thread only."""
+
+    def __init__(self, context: Context) -> None:
+        self.ctx = context
+        self._pieces = context.model.pieces
+        self._eog = context.model.end_of_generation
+        self._work: dict[int, _Work] = {}
+
+    def start(self, seq: int, prompt: Sequence[int], spec: ReplySpec) -> None:
+        """Sequence ``seq`` decodes ``prompt`` (at least one token: its logits start the
+        reply), then generates a reply as ``spec`` says."""
+        self.ctx.model.engine.check_thread()
+        if not prompt:
+            raise InvalidInput("nothing to decode: a reply starts from the logits of a new token")
+        if spec.max_tokens <= 0:
+            raise InvalidInput("max_tokens must be > 0", max_tokens=spec.max_tokens)
+        self.drop(seq)
+        sampler = None
+        if spec.on_device:
+            self.ctx.use_device_chain(seq, spec.sampling)
+        else:
+            self.ctx.use_host_sampling(seq)
+            model = self.ctx.model
+            sampler = Sampler(spec.sampling, model.vocab, model.n_vocab, spec.history, spec.grammar)
+        self._work[seq] = _Work(seq, list(prompt), spec, sampler)
+
+    def cancel(self, seq: int) -> Reply | None:
+        """End ``seq``'s reply now (CANCELLED); None if it has none."""
+        work = self._work.pop(seq, None)
+        if work is None:
+            return None
+        if work.stop_reason is None:
+            work.end(StopReason.CANCELLED)
+        return work.reply()
+
+    def drop(self, seq: int) -> None:
+        """Forget ``seq``'s reply, if any (its job failed, or its agent left)."""
+        work = self._work.pop(seq, None)
+        if work is not None and work.sampler is not None:
+            work.sampler.free()
+
+    def run(
+        self,
+        seqs: Sequence[int],
+        max_steps: int,
+        control: SliceControl | None = None,
+        emit: Emit | None = None,
+    ) -> dict[int, SeqReport]:
+        """Up to ``max_steps`` steps over ``seqs``. Ends early when a reply ends (the
+        scheduler has to see it), when ``control.stop`` is set, or when every sequence is
+        paused. A decode that fails raises; the sequences keep what llama.cpp holds."""
+        self.ctx.model.engine.check_thread()
+        reports = {seq: SeqReport() for seq in seqs}
+        live = [self._work[seq] for seq in seqs if seq in self._work]
+        for step in range(max_steps):
+            if control is not None:
+                if step and control.stop:
+                    break
+                if control.paused:
+                    live = [w for w in live if w.seq not in control.paused]
+            if not live:
+                break
+            pieces, ended = self._step(live, reports)
+            if pieces and emit is not None:
+                emit(pieces)
+            if ended:
+                break
+        for seq, report in reports.items():
+            report.kv_tokens = self.ctx.seq_len[seq]
+            work = self._work.get(seq)
+            if work is not None and work.stop_reason is not None:
+                report.reply = work.reply()
+                del self._work[seq]
+        return reports
+
+    def generate(
+        self,
+        seq: int,
+        prompt: Sequence[int],
+        spec: ReplySpec,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """One reply on one sequence, to its end: the loop above with nothing else in it."""
+
+        def emit(pieces: list[tuple[int, Piece]]) -> None:
+            if on_text is not None:
+                for _, piece in pieces:
+                    on_text(piece.text)
+
+        self.start(seq, prompt, spec)
+        while True:
+            reply = self.run([seq], 1 << 30, emit=emit)[seq].reply
+            if reply is not None:
+                return reply
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _step(
+        self, live: list[_Work], reports: dict[int, SeqReport]
+    ) -> tuple[list[tuple[int, Piece]], bool]:
+        """One decode over ``live``: generating sequences first, one token each, then prompt
+        chunks in the room left of n_batch. Returns the pieces and whether a reply ended."""
+        ctx = self.ctx
+        budget = ctx.n_batch
+        seq_len = ctx.seq_len
+        seqs: list[int] = []
+        tokens: list[int] = []
+        positions: list[int] = []
+        want: list[int] = []
+        due: list[tuple[_Work, int]] = []  # sequences whose logits are read, by row
+        prefilling: list[_Work] = []
+        for w in live:
+            if not w.pending and budget > 0:
+                due.append((w, len(tokens)))
+                seqs.append(w.seq)
+                tokens.append(w.last)
+                positions.append(seq_len[w.seq])
+                want.append(1)
+                budget -= 1
+        for w in live:
+            if w.pending and budget > 0:
+                chunk = w.pending[:budget]
+                n, start = len(chunk), seq_len[w.seq]
+                del w.pending[:n]
+                seqs += [w.seq] * n
+                tokens += chunk
+                positions += range(start, start + n)
+                want += [0] * n
+                if not w.pending:
+                    want[-1] = 1
+                    due.append((w, len(tokens) - 1))
+                budget -= n
+                prefilling.append(w)
+        t0 = time.perf_counter()
+        ctx.decode(
+            np.array(seqs, np.int32),
+            np.array(tokens, np.int32),
+            np.array(positions, np.int32),
+            np.array(want, np.int32),
+        )
+        elapsed = time.perf_counter() - t0
+        for w in prefilling:
+            reports[w.seq].prefill_s += elapsed
+        pieces: list[tuple[int, Piece]] = []
+        ended = False
+        for w, row in due:
+            if w not in prefilling:
+                reports[w.seq].decode_s += elapsed
+            piece = self._sample(w, row, reports[w.seq])
+            if piece is not None:
+                pieces.append((w.seq, piece))
+            ended = ended or w.stop_reason is not None
+        return pieces, ended
+
+    def _sample(self, w: _Work, row: int, report: SeqReport) -> Piece | None:
+        """Take ``w``'s next token from ``row``; its new visible text, if any."""
+        ctx = self.ctx
+        token = ctx.sampled_token(row) if w.sampler is None else w.sampler.sample(ctx.ptr, row)
+        if token in self._eog:
+            tail = w.end(StopReason.EOS)
+            return Piece(tail) if tail else None
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if w.spec.top_logprobs is not None:
+            entry = self._logprob(row, token, w.spec.top_logprobs)
+            w.logprobs.append(entry)
+            logprobs = (entry,)
+        w.last = token
+        w.n_tokens += 1
+        report.generated.append(token)
+        text = w.decoder.feed(self._pieces[token])
+        w.spelled.append(text)
+        if w.stopper is not None:
+            text = w.stopper.feed(text)
+            if w.stopper.stopped:
+                w.text.append(text)
+                w.end(StopReason.STOP)
+                return Piece(text, logprobs) if text or logprobs else None
+        w.text.append(text)
+        limit = w.spec.limit or ctx.n_ctx_seq
+        if w.n_tokens >= w.spec.max_tokens:
+            text += w.end(StopReason.LENGTH)
+        elif ctx.seq_len[w.seq] + 1 >= limit:
+            text += w.end(StopReason.CONTEXT)
+        return Piece(text, logprobs) if text or logprobs else None
+
+    def _logprob(self, row: int, token: int, top: int) -> TokenLogprob:
+        """The model's log probability of ``token`` and of its ``top`` best alternatives, from
+        the raw logits (before any sampler or grammar reshaped them)."""
+        n_vocab = self.ctx.model.n_vocab
+        raw = llama_cpp.llama_get_logits_ith(self.ctx.ptr, row)
+        logits = np.ctypeslib.as_array(raw, shape=(n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logprobs[best])]
+
+        def entry(t: int) -> TopLogprob:
+            data = self._pieces[t]
+            text = data.decode("utf-8", errors="replace")
+            return TopLogprob(text, list(data), float(logprobs[t]))
+
+        chosen = entry(token)
+        return TokenLogprob(
+            chosen.token, chosen.bytes, chosen.logprob, [entry(int(t)) for t in best]
+        )
