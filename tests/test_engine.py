@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import pytest
 
 from lmxd.chat import ChatMessage, ChatTemplate
@@ -75,11 +74,11 @@ def generate(
 def prefill(stepper: Stepper, seq: int, tokens: list[int]) -> None:
     """Decode ``tokens`` into ``seq``, n_batch at a time, reading nothing back."""
     ctx = stepper.ctx
-    n = ctx.n_batch
-    for start in range(0, len(tokens), n):
-        chunk = np.array(tokens[start : start + n], np.int32)
-        pos = np.arange(ctx.seq_len[seq], ctx.seq_len[seq] + len(chunk), dtype=np.int32)
-        ctx.decode(np.full(len(chunk), seq, np.int32), chunk, pos, np.zeros(len(chunk), np.int32))
+    for start in range(0, len(tokens), ctx.n_batch):
+        chunk = tokens[start : start + ctx.n_batch]
+        first = ctx.seq_len[seq]
+        n = len(chunk)
+        ctx.decode([seq] * n, chunk, list(range(first, first + n)), [0] * n)
 
 
 SYSTEM = ChatMessage("system", "You are a helpful assistant.")
@@ -218,14 +217,14 @@ def test_batched_sequences_match_each_alone(smol: Model) -> None:
     assert with_context(smol, alone) == with_context(smol, batched)
 
 
-def test_greedy_on_the_device_and_on_the_host_agree(smol: Model) -> None:
-    """A device chain picks the same tokens as the host chain over the logits (asking for
-    log probabilities puts a reply on the host path)."""
+def test_greedy_argmax_and_the_host_chain_agree(smol: Model) -> None:
+    """The batch's argmax picks the same tokens as llama.cpp's greedy host chain (asking for
+    log probabilities puts a reply on the chain)."""
     tokens = on_engine(lambda: chat_tokens(smol, "Describe a sunset in two sentences."))
-    device = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY))
-    host = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY, top_logprobs=0))
-    assert device.text == host.text and device.n_tokens == host.n_tokens
-    assert len(host.logprobs) == host.n_tokens and not device.logprobs
+    argmax = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY))
+    chain = with_context(smol, lambda st: generate(st, 0, tokens, 40, GREEDY, top_logprobs=0))
+    assert argmax.text == chain.text and argmax.n_tokens == chain.n_tokens
+    assert len(chain.logprobs) == chain.n_tokens and not argmax.logprobs
 
 
 def test_device_chains_follow_the_settings_of_each_reply(smol: Model) -> None:
@@ -309,12 +308,7 @@ def test_bad_batches_are_refused_before_llama_cpp(smol: Model) -> None:
 
         def decode(seqs: list[int], tokens: list[int]) -> None:
             n = len(tokens)
-            ctx.decode(
-                np.array(seqs, np.int32),
-                np.array(tokens, np.int32),
-                np.arange(n, dtype=np.int32) + ctx.seq_len[0],
-                np.zeros(n, np.int32),
-            )
+            ctx.decode(seqs, tokens, [ctx.seq_len[0] + i for i in range(n)], [0] * n)
 
         with pytest.raises(InvalidInput):
             generate(stepper, 0, [], 4, GREEDY)  # no token, no logits to start from

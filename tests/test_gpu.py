@@ -67,6 +67,23 @@ def test_greedy_identical_with_forced_parks_on_the_gpu() -> None:
     assert runs[0] == runs[1]
 
 
+def test_two_agents_per_model_decode_alike_resident_together_or_parked() -> None:
+    """Each sequence has a KV stream of its own: an agent's greedy text does not depend on
+    which other agents of its model are resident beside it (one DECODE at a time)."""
+    runs = []
+    agents = [f"a{i}" for i in range(2 * len(MODELS))]
+    for args in ([], ["--park-after-decode"]):
+        d = Daemon(*args)
+        try:
+            w = d.wire()
+            for i, agent in enumerate(agents):
+                w.ok("REGISTER", agent=agent, model=MODELS[i % len(MODELS)], n_ctx=2048)
+            runs.append(_turns(w, agents))
+        finally:
+            assert d.stop() == 0, d.log()
+    assert runs[0] == runs[1]
+
+
 def test_the_cap_is_never_crossed() -> None:
     d = Daemon("--vram-limit", "2560MiB")  # both models' weights fit, not both contexts
     try:

@@ -62,9 +62,7 @@ def test_tiny_loads_and_decodes_finite_logits(tiny: Path) -> None:
         model = registry.acquire(tiny)
         ctx = Context(model, ContextParams(n_ctx=256))
         try:
-            tokens = np.array([1, 100, 2000, 30000], np.int32)
-            want = np.array([0, 0, 0, 1], np.int32)
-            ctx.decode(np.zeros(4, np.int32), tokens, np.arange(4, dtype=np.int32), want)
+            ctx.decode([0, 0, 0, 0], [1, 100, 2000, 30000], [0, 1, 2, 3], [0, 0, 0, 1])
             ptr = llama_cpp.llama_get_logits_ith(ctx.ptr, 3)
             return np.ctypeslib.as_array(ptr, shape=(shape.n_vocab,)).copy()
         finally:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmxd.engine.runtime import Engine
+from lmxd.engine.worker import LlamaWorker
 from lmxd.errors import DaemonRunning
 from lmxd.fronts import jsonl, text
 from lmxd.fronts.http import HttpConfig, check_exposure
@@ -106,14 +107,15 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
             raise got.error()
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
     store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
+    worker = LlamaWorker(engine)
     room = Residency(
-        engine,
+        worker,
         ledger,
         store,
         ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
     )
     scheduler = Scheduler(
-        engine,
+        worker,
         room,
         SchedulerConfig(
             models_dir=config.models_dir,

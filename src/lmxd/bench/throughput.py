@@ -37,7 +37,7 @@ CPU_MODEL, CPU_AGENTS = "smollm2-135m", (1, 4)
 THREE = ("synth-smollm2-360m", "synth-qwen2-0.5b", "synth-llama3.2-1b")
 TOKENS = 256
 N_CTX = 1024  # per agent: the prompt and TOKENS fit
-PROMPT = " The quick brown fox jumps over the lazy dog"
+PROMPT = " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # a list a model goes on with: no early EOS
 HOT = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 SAMPLINGS: dict[str, dict[str, Any] | None] = {"greedy": None, "t=0.8 top-k 40 top-p 0.95": HOT}
 
@@ -55,12 +55,7 @@ def _reference(path: Path, n_seq: int) -> float:
             prompt = model.tokenize(PROMPT)
             n = len(prompt)
             for s in range(n_seq):  # the prompts, one sequence at a time (not timed)
-                ctx.decode(
-                    np.full(n, s, np.int32),
-                    np.array(prompt, np.int32),
-                    np.arange(n, dtype=np.int32),
-                    np.zeros(n, np.int32),
-                )
+                ctx.decode([s] * n, prompt, list(range(n)), [0] * n)
             for i in range(n_seq):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = prompt[-1], n, 1
                 batch.seq_id[i][0], batch.logits[i] = i, 1

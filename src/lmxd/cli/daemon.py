@@ -77,7 +77,13 @@ from lmxd.units import parse_bytes
     is_flag=True,
     help="Testing: park every agent as soon as its DECODE ends.",
 )
-@click.option("--threads", type=int, default=0, help="CPU threads for llama.cpp (0 = all).")
+@click.option(
+    "--threads",
+    type=int,
+    default=0,
+    help="CPU threads for llama.cpp (0 = up to all cores, fewer while other processes "
+    "hold some: measured as it runs).",
+)
 @click.option(
     "--http",
     "http_address",

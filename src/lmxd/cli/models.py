@@ -212,7 +212,8 @@ def _bench_command(name: str, doc: str) -> None:
 for _name, _doc in (
     ("article", "The article's experiment: lmxd under an 8 GiB budget vs one process per agent."),
     ("parking", "Park and restore throughput, raw and through the daemon; restore vs prefill."),
-    ("throughput", "Aggregate decode tokens/s through the daemon against raw llama.cpp."),
+    ("throughput", "Aggregate decode tokens/s through the daemon against llama_decode alone."),
+    ("busy", "The CPU path with one core kept busy by another process, against an idle machine."),
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
     ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
 ):

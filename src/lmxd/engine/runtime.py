@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import ParamSpec, TypeVar
 
 import llama_cpp
 
+from lmxd.engine.threads import ThreadTuner
 from lmxd.errors import EngineError
 
 log = logging.getLogger("lmxd.llama")
@@ -101,6 +103,8 @@ class Engine:
         self._thread_id = self._executor.submit(threading.get_ident).result()
         self._sink = _LogSink()
         self.call(self._init_backend)
+        # CPU builds: the thread count decode steps use, measured as they run.
+        self.thread_tuner = ThreadTuner(os.cpu_count() or 1)
 
     @classmethod
     def get(cls) -> Engine:

@@ -64,8 +64,6 @@ class SamplingParams:
     @property
     def device_key(self) -> tuple[float, int, float, float, int]:
         """What a device chain is built from: two jobs with the same key share one chain."""
-        if self.greedy:
-            return (0.0, 0, 0.0, 0.0, 0)
         return (self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
 
 

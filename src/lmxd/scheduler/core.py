@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmxd.chat.messages import ChatMessage
-from lmxd.engine.runtime import Engine
 from lmxd.engine.sampling import SamplingParams
 from lmxd.engine.stepper import ReplySpec, SeqReport, SliceControl
+from lmxd.engine.worker import Worker
 from lmxd.errors import (
     AgentExists,
     Busy,
@@ -43,7 +43,7 @@ from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import ModelSlot
-from lmxd.scheduler.steps import begin, common_prefix, conversation
+from lmxd.scheduler.steps import common_prefix, conversation
 
 log = logging.getLogger("lmxd.scheduler")
 _GATHER_YIELDS = 4  # loop turns; each costs microseconds
@@ -61,15 +61,15 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, room: Residency, config: SchedulerConfig) -> None:
-        self.engine = engine
+    def __init__(self, worker: Worker, room: Residency, config: SchedulerConfig) -> None:
+        self.worker = worker
         self.room = room
         self.ledger = room.ledger
         self.config = config
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
         self.models = Models(
-            engine, room, config.models_dir, config.allowed_dirs, config.keep_alive_s, self._lock
+            worker, room, config.models_dir, config.allowed_dirs, config.keep_alive_s, self._lock
         )
         self._wake = asyncio.Event()
         self._turn = 0  # round-robin position over models
@@ -167,7 +167,7 @@ class Scheduler:
 
     async def check_grammar(self, slot: ModelSlot, grammar: str) -> None:
         """INVALID_INPUT unless llama.cpp takes ``grammar`` for ``slot``'s vocabulary."""
-        await self.engine.acall(slot.model.check_grammar, grammar)
+        await self.worker.check_grammar(slot.model, grammar)
 
     def queue_depth(self) -> int:
         """DECODE jobs waiting or running, all agents together."""
@@ -206,8 +206,8 @@ class Scheduler:
         # UNKNOWN_AGENT instead of a place in a queue nobody will serve.
         del slot.agents[agent.id], self.agents[agent.id]
         for job in agent.jobs:
-            if job.started and slot.stepper is not None and agent.seq is not None:
-                await self.engine.acall(slot.stepper.drop, agent.seq)
+            if job.started and slot.context is not None and agent.seq is not None:
+                self.worker.drop(slot.context, agent.seq)
             job.fail(Cancelled(f"agent {agent.id!r} was unregistered", agent=agent.id))
         agent.jobs.clear()
         await self.room.drop(agent)
@@ -266,8 +266,8 @@ class Scheduler:
         active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
         for agent in [a for a in active if a.jobs[0].cancelled]:
             job = agent.jobs[0]
-            assert slot.stepper is not None and agent.seq is not None
-            job.reply = await self.engine.acall(slot.stepper.cancel, agent.seq)
+            assert slot.context is not None and agent.seq is not None
+            job.reply = await self.worker.cancel(slot.context, agent.seq)
             self._finish(agent, job, StopReason.CANCELLED)
             active.remove(agent)
         active = [a for a in active if not self._stalled(a.jobs[0])]
@@ -308,10 +308,17 @@ class Scheduler:
         """
         queued = [a for a in slot.agents.values() if a.state is AgentState.QUEUED]
         unseated: list[Agent] = []
+        # Aging: while another model's job waits for a context (memory this model's context
+        # may hold), this model admits nothing that came after it, so that its context can
+        # go idle and be closed for that one.
+        waiting = [s.waiting_for_context() for s in self.room.slots.values() if s is not slot]
+        first_waiting = min((w for w in waiting if w is not None), default=None)
         for agent in sorted(queued, key=lambda a: a.jobs[0].timings.submitted):
             job = agent.jobs[0]
             if job.cancelled:
                 self._finish(agent, job, StopReason.CANCELLED)
+                continue
+            if first_waiting is not None and job.timings.submitted > first_waiting:
                 continue
             try:
                 if not await self.room.make_resident(agent, job):
@@ -337,11 +344,9 @@ class Scheduler:
         tail).
         """
         slot, seq = agent.slot, agent.seq
-        assert slot.stepper is not None and seq is not None
+        assert slot.context is not None and seq is not None
         want = conversation(agent, job)
-        tokens = want.prefix + await self.engine.acall(
-            slot.model.tokenize, want.text, want.add_special
-        )
+        tokens = want.prefix + await self.worker.tokenize(slot.model, want.text, want.add_special)
         if not tokens:
             raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
         if len(tokens) >= agent.n_ctx:
@@ -362,8 +367,9 @@ class Scheduler:
             history=tuple(tokens) if job.sampling.penalised else (),
             grammar=request.grammar,
             top_logprobs=request.top_logprobs,
+            stream=job.events is not None,
         )
-        kept = await self.engine.acall(begin, slot.stepper, seq, tokens, keep, spec)
+        kept = await self.worker.begin(slot.context, seq, tokens, keep, spec)
         agent.tokens, agent.kv = tokens, kept
         job.started = True
         job.prompt_tokens = len(tokens) - kept
@@ -371,7 +377,7 @@ class Scheduler:
 
     async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
         """One slice of steps for ``active`` on the engine thread, then its outcome applied."""
-        assert slot.stepper is not None
+        assert slot.context is not None
         loop = asyncio.get_running_loop()
         control = slot.control = SliceControl()
         by_seq = {agent.seq: agent for agent in active}
@@ -389,8 +395,8 @@ class Scheduler:
 
         seqs = [agent.seq for agent in active if agent.seq is not None]
         try:
-            reports = await self.engine.acall(
-                slot.stepper.run, seqs, self.config.slice_steps, control, emit
+            reports = await self.worker.run(
+                slot.context, seqs, self.config.slice_steps, control, emit
             )
         except LmxdError as exc:
             for agent in active:
@@ -470,9 +476,9 @@ class Scheduler:
         log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
         agent.text = None  # its tokens may have changed: tokenize the next prompt afresh
         job.fail(exc)
-        stepper, seq = agent.slot.stepper, agent.seq
-        if job.started and stepper is not None and seq is not None:
-            self.engine.post(lambda: stepper.drop(seq))  # frees a host sampler chain
+        ctx, seq = agent.slot.context, agent.seq
+        if job.started and ctx is not None and seq is not None:
+            self.worker.drop(ctx, seq)  # frees a host sampler chain
         self._end(agent, job, stream_ended=True)
 
     def _end(self, agent: Agent, job: Job, stream_ended: bool = False) -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from lmxd import catalog
 from lmxd.chat.template import ChatTemplate
-from lmxd.engine.model import ModelRegistry
-from lmxd.engine.runtime import Engine
+from lmxd.engine.worker import Worker
 from lmxd.errors import Forbidden, LmxdError, UnknownModel
 from lmxd.memory.ledger import Denial, Request
 from lmxd.scheduler.residency import Residency
@@ -30,21 +29,20 @@ class Models:
 
     def __init__(
         self,
-        engine: Engine,
+        worker: Worker,
         room: Residency,
         models_dir: Path,
         allowed_dirs: tuple[Path, ...],
         keep_alive_s: float,
         lock: asyncio.Lock,  # the scheduler's: an expired keep-alive unloads under it
     ) -> None:
-        self.engine = engine
+        self.worker = worker
         self.room = room
         self.ledger = room.ledger
         self.models_dir = models_dir
         self.allowed_dirs = allowed_dirs
         self.keep_alive_s = keep_alive_s
         self._lock = lock
-        self.registry = engine.call(ModelRegistry, engine)
 
     def resolve(self, model: str) -> Path:
         """The file a model name or path stands for, inside the allowed directories once
@@ -69,7 +67,7 @@ class Models:
                 raise got.error()
             await self.room.close_context(victims[0])
         try:
-            model = await self.engine.acall(self.registry.acquire, path)
+            model = await self.worker.load(path)
         except LmxdError:
             self.ledger.release(got[0])
             raise
@@ -113,7 +111,7 @@ class Models:
             for agent in slot.residents():
                 await self.room.drop(agent)
             await self.room.close_context(slot)
-        await self.engine.acall(self.registry.release, slot.model)
+        await self.worker.unload(slot.model)
         for handle in slot.weights.values():
             self.ledger.release(handle)
         slot.weights.clear()

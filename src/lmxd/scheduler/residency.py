@@ -14,11 +14,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from lmxd.engine.context import Context, ContextParams
-from lmxd.engine.runtime import Engine
-from lmxd.engine.stepper import Stepper
+from lmxd.engine.context import ContextParams
+from lmxd.engine.worker import Worker
 from lmxd.errors import LmxdError, ParkBudgetExceeded
-from lmxd.kvstore import KvStore, ParkedState
+from lmxd.kvstore import KvStore
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
@@ -49,29 +48,13 @@ class ResidencyConfig:
     max_seqs: int = 16  # sequences per context: agents of one model resident at once
 
 
-def _save_and_clear(ctx: Context, seq: int, store: KvStore) -> ParkedState | None:
-    """Engine thread: copy the sequence out, then free its cells. None if over budget."""
-    n_tokens = ctx.seq_len[seq]
-    size = ctx.seq_state_size(seq)
-    buffer = store.allocate(size)
-    if buffer is None:
-        return None
-    try:
-        layout = ctx.save_seq(seq, buffer)
-    except LmxdError:
-        store.release(buffer)
-        raise
-    ctx.clear_seq(seq)
-    return ParkedState(buffer, layout, n_tokens)
-
-
 class Residency:
     """Contexts, parking and restoring for the scheduler (its asyncio task only)."""
 
     def __init__(
-        self, engine: Engine, ledger: Ledger, store: KvStore, config: ResidencyConfig
+        self, worker: Worker, ledger: Ledger, store: KvStore, config: ResidencyConfig
     ) -> None:
-        self.engine = engine
+        self.worker = worker
         self.ledger = ledger
         self.store = store
         self.config = config
@@ -95,14 +78,29 @@ class Residency:
             parts["output"] = est.output
         return Request(f"context:{key}", parts)
 
-    def evictable(self, exclude: ModelSlot | None = None) -> list[ModelSlot]:
-        """Other models' contexts whose agents are all idle, least recently used first."""
-        slots = [
-            s
-            for s in self.slots.values()
-            if s is not exclude and s.context is not None and s.all_idle
-        ]
-        return sorted(slots, key=lambda s: s.last_used)
+    def evictable(
+        self, exclude: ModelSlot | None = None, for_job: Job | None = None
+    ) -> list[ModelSlot]:
+        """Other models' contexts that may be closed, least recently used first: those whose
+        agents are all idle, and, for ``for_job``, those whose agents only wait for jobs
+        submitted after it (first come, first served between models: a model whose agents
+        always have work must not keep the memory from a job that came first)."""
+
+        def closable(s: ModelSlot) -> bool:
+            if s is exclude or s.context is None:
+                return False
+            if s.all_idle:
+                return True
+            return for_job is not None and all(
+                a.idle
+                or (
+                    a.state is AgentState.QUEUED
+                    and a.jobs[0].timings.submitted > for_job.timings.submitted
+                )
+                for a in s.agents.values()
+            )
+
+        return sorted(filter(closable, self.slots.values()), key=lambda s: s.last_used)
 
     async def open_context(self, slot: ModelSlot, agent: Agent, job: Job) -> bool:
         """Give ``slot`` a context: room for all its agents if the cap allows, else for one.
@@ -122,13 +120,15 @@ class Residency:
                     await self._create_context(slot, n_ctx, seqs, got[0])
                     return True
                 denial = got
-                victims = self.evictable(exclude=slot)
+                victims = self.evictable(exclude=slot, for_job=job)
                 if not victims:
                     break
                 await self.close_context(victims[0], job)
         assert denial is not None
         if any(s.context is not None for s in self.slots.values() if s is not slot):
-            return False  # busy contexts will go idle, and then be closed for this one
+            # Busy contexts will go idle, and then be closed for this one; meanwhile their
+            # models admit no job that came after it (Scheduler._admit).
+            return False
         raise denial.error()
 
     async def _create_context(
@@ -142,11 +142,10 @@ class Residency:
             n_threads=self.config.n_threads,
         )
         try:
-            slot.context = await self.engine.acall(Context, slot.model, params)
+            slot.context = await self.worker.open_context(slot.model, params)
         except LmxdError:
             self.ledger.release(res)
             raise
-        slot.stepper = await self.engine.acall(Stepper, slot.context)
         slot.context_reservation = res
         slot.seqs = [None] * n_seq
         log.info(
@@ -172,9 +171,9 @@ class Residency:
                     budget_bytes=self.store.budget,
                     used_bytes=self.store.used,
                 )
-        ctx, slot.context, slot.seqs, slot.stepper = slot.context, None, [], None
+        ctx, slot.context, slot.seqs = slot.context, None, []
         if ctx is not None:
-            await self.engine.acall(ctx.free)
+            await self.worker.close_context(ctx)
         if slot.context_reservation is not None:
             self.ledger.release(slot.context_reservation)
             slot.context_reservation = None
@@ -196,7 +195,7 @@ class Residency:
             state = None
         else:
             try:
-                state = await self.engine.acall(_save_and_clear, ctx, seq, self.store)
+                state = await self.worker.park(ctx, seq, self.store)
             except LmxdError:
                 agent.move(AgentState.QUEUED if agent.jobs else before)
                 raise
@@ -231,7 +230,7 @@ class Residency:
         """Forget an agent's KV wherever it is (RESET, UNREGISTER)."""
         slot = agent.slot
         if agent.seq is not None and slot.context is not None:
-            await self.engine.acall(slot.context.clear_seq, agent.seq)
+            await self.worker.clear(slot.context, agent.seq)
             slot.seqs[agent.seq] = None
         if agent.parked is not None:
             self.store.free(agent.parked)
@@ -243,6 +242,22 @@ class Residency:
         wanted = min(len(slot.agents), self.config.max_seqs)
         short = len(slot.seqs) < wanted and slot.free_seq() is None
         return short or slot.stream_cells < agent.n_ctx
+
+    @staticmethod
+    def _victim(slot: ModelSlot, job: Job) -> Agent | None:
+        """Whose sequence ``job``'s agent takes: the least recently used idle resident, else
+        the resident that waits for the most recently submitted job, if that came after
+        ``job``. First come, first served: an agent whose client sends its next request the
+        moment a reply ends must not keep its sequence from one that was waiting before."""
+        idle = slot.idle_residents()
+        if idle:
+            return idle[0]
+        later = [
+            a
+            for a in slot.residents()
+            if a.state is AgentState.QUEUED and a.jobs[0].timings.submitted > job.timings.submitted
+        ]
+        return max(later, key=lambda a: a.jobs[0].timings.submitted, default=None)
 
     @staticmethod
     def _none_busy(slot: ModelSlot) -> bool:
@@ -265,8 +280,8 @@ class Residency:
             return False
         seq = slot.free_seq()
         if seq is None:
-            victims = slot.idle_residents()
-            if not victims or not await self.park(victims[0], job):
+            victim = self._victim(slot, job)
+            if victim is None or not await self.park(victim, job):
                 return False
             seq = slot.free_seq()
             assert seq is not None
@@ -277,7 +292,7 @@ class Residency:
             t0 = time.perf_counter()
             state = agent.parked
             try:
-                await self.engine.acall(slot.context.load_seq, seq, state.buffer, state.layout)
+                await self.worker.restore(slot.context, seq, state)
             except LmxdError:
                 slot.seqs[seq], agent.seq = None, None
                 agent.move(AgentState.PARKED)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmxd.chat.template import ChatTemplate
-from lmxd.engine.context import Context
-from lmxd.engine.model import Model
-from lmxd.engine.stepper import SliceControl, Stepper
+from lmxd.engine.stepper import SliceControl
+from lmxd.engine.worker import ContextHandle, ModelHandle
 from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Agent, AgentState
@@ -29,13 +28,12 @@ class ModelSlot:
     key: str  # the name agents gave (catalog name or file stem)
     path: Path
     info: ModelInfo
-    model: Model
+    model: ModelHandle
     chat: ChatTemplate
     agents: dict[str, Agent] = field(default_factory=dict)
     weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
-    context: Context | None = None
+    context: ContextHandle | None = None
     context_reservation: Reservation | None = None
-    stepper: Stepper | None = None  # with the context
     control: SliceControl | None = None  # while a slice of this model runs
     seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
     unload_timer: asyncio.TimerHandle | None = None
@@ -63,6 +61,14 @@ class ModelSlot:
         """Resident agents that may be parked, least recently used first."""
         idle = [a for a in self.residents() if a.state is AgentState.RESIDENT]
         return sorted(idle, key=lambda a: a.last_used)
+
+    def waiting_for_context(self) -> float | None:
+        """When the oldest queued job was submitted, if this model has no context: its
+        agents wait for memory (or for their turn to open one)."""
+        if self.context is not None:
+            return None
+        queued = [a for a in self.agents.values() if a.state is AgentState.QUEUED]
+        return min((a.jobs[0].timings.submitted for a in queued), default=None)
 
     @property
     def all_idle(self) -> bool:

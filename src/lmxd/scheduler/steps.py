@@ -1,9 +1,7 @@
-"""What a job hands the engine: the conversation to tokenize, and how its reply begins.
+"""What a job hands the engine: the conversation to tokenize, and what KV holds of it.
 
-:func:`conversation` runs on the scheduler's side: it renders the job's prompt and says which
-text still has to be tokenized after which tokens. :func:`begin` runs on the engine thread
-with plain values only: it trims the sequence to the prefix the scheduler found in KV and
-starts the reply on the stepper.
+:func:`conversation` renders the job's prompt and says which text still has to be tokenized
+after which tokens; :func:`common_prefix` finds how much of the result KV holds already.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmxd.chat.messages import ChatMessage
-from lmxd.engine.stepper import ReplySpec, Stepper
 from lmxd.scheduler.agents import Agent
 from lmxd.scheduler.jobs import ChatTurn, Job, TextPrompt
 
@@ -62,13 +59,3 @@ def common_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
     while keep < n and held[keep] == tokens[keep]:
         keep += 1
     return keep
-
-
-def begin(stepper: Stepper, seq: int, tokens: list[int], keep: int, spec: ReplySpec) -> int:
-    """Engine thread: keep the first ``keep`` tokens of sequence ``seq``, decode the rest of
-    ``tokens``, then reply. Returns the tokens kept: fewer than ``keep`` (none) when a
-    sliding-window cache had to be cleared and the conversation is prefilled again."""
-    stepper.ctx.truncate_seq(seq, keep)
-    kept = stepper.ctx.seq_len[seq]
-    stepper.start(seq, tokens[kept:], spec)
-    return kept

@@ -1,0 +1,186 @@
+"""What the scheduler may ask of the engine: a narrow, awaitable interface with plain values.
+
+The scheduler decides and the engine executes; :class:`Worker` is everything in between.
+:class:`LlamaWorker` runs each call on the engine thread over llama.cpp; the scheduler's unit
+tests put a fake behind the same protocol, so that admission, parking and fairness run in
+milliseconds without a model. Models and contexts cross the interface as opaque handles that
+show only what the scheduler reads (:class:`ModelHandle`, :class:`ContextHandle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from lmxd.engine.context import Context, ContextParams
+from lmxd.engine.model import Model, ModelRegistry
+from lmxd.engine.runtime import Engine
+from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl, Stepper
+from lmxd.errors import LmxdError
+from lmxd.kvstore import KvStore, ParkedState
+from lmxd.modelfile import ModelInfo
+
+
+class ModelHandle(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+    @property
+    def chat_template(self) -> str | None: ...
+    @property
+    def bos_text(self) -> str: ...
+    @property
+    def eos_text(self) -> str: ...
+    @property
+    def device_weight_bytes(self) -> int: ...
+
+
+class ContextHandle(Protocol):
+    @property
+    def n_ctx(self) -> int: ...  # cells, all sequences together
+    @property
+    def n_ctx_seq(self) -> int: ...  # cells of one sequence's stream
+
+
+class Worker(Protocol):
+    async def load(self, path: Path) -> ModelHandle: ...
+    async def unload(self, model: ModelHandle) -> None: ...
+    async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]: ...
+    async def check_grammar(self, model: ModelHandle, grammar: str) -> None: ...
+    async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle: ...
+    async def close_context(self, ctx: ContextHandle) -> None: ...
+    async def begin(
+        self, ctx: ContextHandle, seq: int, tokens: list[int], keep: int, spec: ReplySpec
+    ) -> int:
+        """Keep the sequence's first ``keep`` tokens, decode the rest of ``tokens``, then
+        reply; returns the tokens kept (none when a sliding-window cache was cleared)."""
+        ...
+
+    async def run(
+        self,
+        ctx: ContextHandle,
+        seqs: Sequence[int],
+        max_steps: int,
+        control: SliceControl,
+        emit: Emit,
+    ) -> dict[int, SeqReport]: ...
+    async def cancel(self, ctx: ContextHandle, seq: int) -> Reply | None: ...
+    def drop(self, ctx: ContextHandle, seq: int) -> None:
+        """Forget the sequence's reply, without waiting."""
+        ...
+
+    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+        """Copy the sequence's state into ``store`` and free its cells; None if over budget."""
+        ...
+
+    async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None: ...
+    async def clear(self, ctx: ContextHandle, seq: int) -> None: ...
+
+
+class _Open:
+    """A llama.cpp context with its stepper: the handle :class:`LlamaWorker` gives out."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.stepper = Stepper(context)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.context.n_ctx
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.context.n_ctx_seq
+
+
+class LlamaWorker:
+    """The :class:`Worker` over llama.cpp: every call runs on the engine thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._registry = engine.call(ModelRegistry, engine)
+
+    async def load(self, path: Path) -> ModelHandle:
+        return await self.engine.acall(self._registry.acquire, path)
+
+    async def unload(self, model: ModelHandle) -> None:
+        assert isinstance(model, Model)
+        await self.engine.acall(self._registry.release, model)
+
+    async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]:
+        assert isinstance(model, Model)
+        return await self.engine.acall(model.tokenize, text, add_special)
+
+    async def check_grammar(self, model: ModelHandle, grammar: str) -> None:
+        assert isinstance(model, Model)
+        await self.engine.acall(model.check_grammar, grammar)
+
+    async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle:
+        assert isinstance(model, Model)
+
+        def open_() -> _Open:
+            return _Open(Context(model, params))
+
+        return await self.engine.acall(open_)
+
+    async def close_context(self, ctx: ContextHandle) -> None:
+        await self.engine.acall(_opened(ctx).context.free)
+
+    async def begin(
+        self, ctx: ContextHandle, seq: int, tokens: list[int], keep: int, spec: ReplySpec
+    ) -> int:
+        stepper = _opened(ctx).stepper
+
+        def begin_() -> int:
+            stepper.ctx.truncate_seq(seq, keep)
+            kept = stepper.ctx.seq_len[seq]
+            stepper.start(seq, tokens[kept:], spec)
+            return kept
+
+        return await self.engine.acall(begin_)
+
+    async def run(
+        self,
+        ctx: ContextHandle,
+        seqs: Sequence[int],
+        max_steps: int,
+        control: SliceControl,
+        emit: Emit,
+    ) -> dict[int, SeqReport]:
+        return await self.engine.acall(_opened(ctx).stepper.run, seqs, max_steps, control, emit)
+
+    async def cancel(self, ctx: ContextHandle, seq: int) -> Reply | None:
+        return await self.engine.acall(_opened(ctx).stepper.cancel, seq)
+
+    def drop(self, ctx: ContextHandle, seq: int) -> None:
+        stepper = _opened(ctx).stepper
+        self.engine.post(lambda: stepper.drop(seq))
+
+    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+        context = _opened(ctx).context
+
+        def park_() -> ParkedState | None:
+            n_tokens = context.seq_len[seq]
+            buffer = store.allocate(context.seq_state_size(seq))
+            if buffer is None:
+                return None
+            try:
+                layout = context.save_seq(seq, buffer)
+            except LmxdError:
+                store.release(buffer)
+                raise
+            context.clear_seq(seq)
+            return ParkedState(buffer, layout, n_tokens)
+
+        return await self.engine.acall(park_)
+
+    async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
+        await self.engine.acall(_opened(ctx).context.load_seq, seq, state.buffer, state.layout)
+
+    async def clear(self, ctx: ContextHandle, seq: int) -> None:
+        await self.engine.acall(_opened(ctx).context.clear_seq, seq)
+
+
+def _opened(ctx: ContextHandle) -> _Open:
+    assert isinstance(ctx, _Open), "a context handle from another worker"
+    return ctx

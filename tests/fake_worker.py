@@ -1,0 +1,164 @@
+"""A fake engine behind the scheduler's :class:`lmxd.engine.worker.Worker` protocol.
+
+For the scheduler's unit tests only: no llama.cpp, no model weights. A model file is still
+read for its metadata (the ledger sizes contexts from it). Every call is logged, so a test can
+assert what the scheduler asked for and in which order; a step takes ``step_s`` of wall time on
+the event loop, so that other requests can arrive while a slice runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmxd.engine.context import ContextParams, StateLayout
+from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl
+from lmxd.engine.worker import ContextHandle, ModelHandle
+from lmxd.kvstore import KvStore, ParkedState
+from lmxd.modelfile import ModelInfo, read_model_info
+from lmxd.results import Piece, StopReason
+
+STATE_BYTES_PER_TOKEN = 1000
+
+
+@dataclass
+class FakeModel:
+    info: ModelInfo
+    chat_template: str | None = None
+    bos_text: str = ""
+    eos_text: str = ""
+    device_weight_bytes: int = 0
+
+
+@dataclass
+class _Reply:
+    pending: list[int]
+    spec: ReplySpec
+    generated: int = 0
+
+
+@dataclass
+class FakeContext:
+    name: str
+    n_ctx_seq: int
+    n_seq: int
+    seq_len: list[int] = field(default_factory=list)
+    replies: dict[int, _Reply] = field(default_factory=dict)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_ctx_seq * self.n_seq
+
+
+class FakeWorker:
+    """Each generated token is one character, ``x``; a reply ends at its max_tokens."""
+
+    def __init__(self, step_s: float = 0.001) -> None:
+        self.step_s = step_s
+        self.log: list[tuple[str, ...]] = []
+
+    async def load(self, path: Path) -> ModelHandle:
+        self.log.append(("load", path.stem))
+        return FakeModel(read_model_info(path))
+
+    async def unload(self, model: ModelHandle) -> None:
+        self.log.append(("unload", model.info.path.stem))
+
+    async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]:
+        return [1 + ord(c) % 100 for c in text]
+
+    async def check_grammar(self, model: ModelHandle, grammar: str) -> None:
+        return None
+
+    async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle:
+        name = model.info.path.stem
+        self.log.append(("open", name, str(params.n_seq_max)))
+        return FakeContext(name, params.n_ctx, params.n_seq_max, [0] * params.n_seq_max)
+
+    async def close_context(self, ctx: ContextHandle) -> None:
+        self.log.append(("close", _fake(ctx).name))
+
+    async def begin(
+        self, ctx: ContextHandle, seq: int, tokens: list[int], keep: int, spec: ReplySpec
+    ) -> int:
+        fake = _fake(ctx)
+        kept = min(keep, fake.seq_len[seq])
+        fake.seq_len[seq] = kept
+        fake.replies[seq] = _Reply(tokens[kept:], spec)
+        return kept
+
+    async def run(
+        self,
+        ctx: ContextHandle,
+        seqs: Sequence[int],
+        max_steps: int,
+        control: SliceControl,
+        emit: Emit,
+    ) -> dict[int, SeqReport]:
+        fake = _fake(ctx)
+        self.log.append(("run", fake.name, *(str(s) for s in seqs)))
+        reports = {seq: SeqReport() for seq in seqs}
+        for step in range(max_steps):
+            if step and control.stop:
+                break
+            live = [s for s in seqs if s in fake.replies and s not in control.paused]
+            if not live:
+                break
+            await asyncio.sleep(self.step_s)
+            pieces, ended = [], False
+            for seq in live:
+                reply = fake.replies[seq]
+                fake.seq_len[seq] += len(reply.pending) or 1
+                reply.pending = []
+                reply.generated += 1
+                reports[seq].generated.append(120)  # "x"
+                reports[seq].decode_s += self.step_s
+                if reply.spec.stream:
+                    pieces.append((seq, Piece("x")))
+                if reply.generated >= reply.spec.max_tokens:
+                    reports[seq].reply = self._reply(fake, seq, StopReason.LENGTH)
+                    ended = True
+            if pieces:
+                emit(pieces)
+            if ended:
+                break
+        for seq in seqs:
+            reports[seq].kv_tokens = fake.seq_len[seq]
+        return reports
+
+    def _reply(self, fake: FakeContext, seq: int, reason: StopReason) -> Reply:
+        n = fake.replies.pop(seq).generated
+        return Reply("x" * n, "x" * n, n, [], reason)
+
+    async def cancel(self, ctx: ContextHandle, seq: int) -> Reply | None:
+        fake = _fake(ctx)
+        return self._reply(fake, seq, StopReason.CANCELLED) if seq in fake.replies else None
+
+    def drop(self, ctx: ContextHandle, seq: int) -> None:
+        _fake(ctx).replies.pop(seq, None)
+
+    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+        fake = _fake(ctx)
+        n_tokens = fake.seq_len[seq]
+        size = 8 + STATE_BYTES_PER_TOKEN * n_tokens
+        buffer = store.allocate(size)
+        if buffer is None:
+            return None
+        fake.seq_len[seq] = 0
+        self.log.append(("park", fake.name, str(seq), str(n_tokens)))
+        return ParkedState(buffer, StateLayout(fake.n_seq, seq, (size - 8,)), n_tokens)
+
+    async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
+        fake = _fake(ctx)
+        fake.seq_len[seq] = state.n_tokens
+        self.log.append(("restore", fake.name, str(seq), str(state.n_tokens)))
+
+    async def clear(self, ctx: ContextHandle, seq: int) -> None:
+        _fake(ctx).seq_len[seq] = 0
+
+
+def _fake(ctx: ContextHandle) -> FakeContext:
+    assert isinstance(ctx, FakeContext)
+    return ctx

@@ -1,0 +1,246 @@
+"""The scheduler against a fake engine (tests/fake_worker.py): decisions, in milliseconds.
+
+Admission order, who is parked, fairness between models and between agents, cancel, the
+queue bound, keep-alive. The real engine proves the system in test_daemon.py and the others;
+these pin down the scheduler's choices, which a real model would make slow and noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from fake_worker import FakeWorker
+
+from lmxd.engine.sampling import SamplingParams
+from lmxd.errors import Busy, PromptTooLong
+from lmxd.kvstore import KvStore
+from lmxd.memory.estimator import Backend
+from lmxd.memory.ledger import Ledger
+from lmxd.modelfile import ModelInfo, read_model_info
+from lmxd.results import DecodeResult, StopReason
+from lmxd.scheduler import AgentState, DecodeRequest, Scheduler, SchedulerConfig, TextPrompt
+from lmxd.scheduler.residency import Residency, ResidencyConfig
+
+T = TypeVar("T")
+GiB = 1 << 30
+
+
+def run(
+    models_dir: Path,
+    test: Callable[[Scheduler, FakeWorker], Awaitable[T]],
+    *,
+    cap: int = 64 * GiB,
+    max_seqs: int = 2,
+    park_budget: int = GiB,
+    keep_alive_s: float = 300.0,
+    max_queue: int = 64,
+) -> T:
+    async def main() -> T:
+        worker = FakeWorker()
+        room = Residency(
+            worker,
+            Ledger(cap),
+            KvStore(park_budget),
+            ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
+        )
+        config = SchedulerConfig(
+            models_dir, (models_dir,), max_queue=max_queue, keep_alive_s=keep_alive_s
+        )
+        scheduler = Scheduler(worker, room, config)
+        loop = asyncio.create_task(scheduler.run())
+        try:
+            return await asyncio.wait_for(test(scheduler, worker), 20)
+        finally:
+            loop.cancel()
+
+    return asyncio.run(main())
+
+
+async def register(s: Scheduler, agent: str, model: str = "smollm2-135m") -> None:
+    await s.register(agent, model, 512, SamplingParams(), None)
+
+
+async def decode(s: Scheduler, agent: str, max_tokens: int = 8) -> DecodeResult:
+    return await s.submit(DecodeRequest(agent, TextPrompt(" hi"), max_tokens)).done
+
+
+def test_agents_of_one_model_share_steps(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> list[tuple[str, ...]]:
+        for name in ("a", "b"):
+            await register(s, name)
+        results = await asyncio.gather(decode(s, "a"), decode(s, "b"))
+        assert all(r.stop_reason is StopReason.LENGTH and r.text == "x" * 8 for r in results)
+        return [entry for entry in w.log if entry[0] == "run"]
+
+    runs = run(models_dir, test)
+    assert runs[0][2:] == ("0", "1")  # both sequences in the first slice's batch
+
+
+def test_the_least_recently_used_idle_agent_is_parked_never_a_decoding_one(
+    models_dir: Path,
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        await decode(s, "a")
+        await decode(s, "b")  # both resident now; a used longer ago
+        busy = s.submit(DecodeRequest("b", TextPrompt(" more"), 200))
+        await asyncio.sleep(0.02)  # b decoding
+        result = await decode(s, "c")
+        assert result.parked == ["a"]
+        assert s.agents["a"].state is AgentState.PARKED
+        assert s.agents["b"].state is AgentState.ACTIVE
+        await busy.done
+        result = await decode(s, "a")  # restored, into the sequence of the idle one
+        assert result.restored and result.parked == ["c"]
+
+    run(models_dir, test, max_seqs=2)
+
+
+def test_a_waiting_agent_is_seated_before_busy_agents_take_their_next_turn(
+    models_dir: Path,
+) -> None:
+    """Two sequences, three agents whose clients send their next request the moment a reply
+    ends: the third agent gets a sequence at the first reply's end, not when the others stop."""
+
+    async def busy_client(s: Scheduler, agent: str, turns: int, done: list[str]) -> None:
+        for _ in range(turns):
+            await decode(s, agent, max_tokens=20)
+            done.append(agent)
+
+    async def test(s: Scheduler, w: FakeWorker) -> list[str]:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        done: list[str] = []
+        clients = [asyncio.create_task(busy_client(s, n, 5, done)) for n in ("a", "b")]
+        await asyncio.sleep(0.005)  # a and b hold both sequences
+        await decode(s, "c", max_tokens=20)
+        done.append("c")
+        await asyncio.gather(*clients)
+        return done
+
+    done = run(models_dir, test, max_seqs=2)
+    assert done.index("c") <= 4, done  # seated after the first replies, not after ten
+
+
+def test_a_busy_model_does_not_starve_another_that_waits_for_memory(models_dir: Path) -> None:
+    """The cap holds both models' weights but one context at a time. The first model's agents
+    always have work; the second model's job is served once the first model's running jobs
+    end, not when its clients stop."""
+    smol = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gemma = read_model_info(models_dir / "gemma-3-270m-q4_k_m.gguf")
+
+    async def busy_client(s: Scheduler, agent: str, stop: asyncio.Event, turns: list[str]) -> None:
+        while not stop.is_set():
+            await decode(s, agent, max_tokens=10)
+            turns.append(agent)
+
+    async def test(s: Scheduler, w: FakeWorker) -> int:
+        for name in ("a", "b"):
+            await register(s, name)
+        await register(s, "g", "gemma3-270m")
+        stop, turns = asyncio.Event(), []
+        clients = [asyncio.create_task(busy_client(s, n, stop, turns)) for n in ("a", "b")]
+        await asyncio.sleep(0.01)
+        result = await decode(s, "g", max_tokens=4)
+        served_after = len(turns)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert result.stop_reason is StopReason.LENGTH
+        return served_after
+
+    room = _room_for_one_context(smol, gemma)
+    served_after = run(models_dir, test, cap=room, max_seqs=2)
+    assert served_after <= 4  # the turns a and b had in flight, then g's
+
+
+def test_models_take_turns_a_slice_at_a_time(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> list[str]:
+        await register(s, "a")
+        await register(s, "g", "gemma3-270m")
+        await asyncio.gather(decode(s, "a", 100), decode(s, "g", 100))
+        return [entry[1] for entry in w.log if entry[0] == "run"]
+
+    order = run(models_dir, test)
+    assert len(order) >= 12  # 100 tokens in slices of 16 steps, for each model
+    switches = sum(1 for x, y in itertools.pairwise(order) if x != y)
+    assert switches >= len(order) - 3  # alternating, save the slices after one ended
+
+
+def test_cancel_a_queued_and_a_running_job(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        running = s.submit(DecodeRequest("a", TextPrompt(" go"), 10_000))
+        queued = s.submit(DecodeRequest("a", TextPrompt(" next"), 10))
+        await asyncio.sleep(0.02)
+        s.cancel(queued)
+        s.cancel(running)
+        first, second = await running.done, await queued.done
+        assert first.stop_reason is StopReason.CANCELLED and 0 < first.generated_tokens < 10_000
+        assert second.stop_reason is StopReason.CANCELLED and second.generated_tokens == 0
+        assert s.agents["a"].state is AgentState.RESIDENT
+        assert (await decode(s, "a")).stop_reason is StopReason.LENGTH  # and it goes on
+
+    run(models_dir, test)
+
+
+def test_the_queue_bound_is_a_named_error(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        jobs = [s.submit(DecodeRequest("a", TextPrompt(" x"), 5)) for _ in range(3)]
+        with pytest.raises(Busy):
+            s.submit(DecodeRequest("a", TextPrompt(" x"), 5))
+        await asyncio.gather(*(j.done for j in jobs))
+        await decode(s, "a")  # room again once they are done
+
+    run(models_dir, test, max_queue=3)
+
+
+def test_a_model_unloads_after_its_keep_alive_and_a_register_meanwhile_keeps_it(
+    models_dir: Path,
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> list[tuple[str, ...]]:
+        await register(s, "a")
+        await decode(s, "a")
+        await s.unregister("a")
+        await asyncio.sleep(0.02)
+        await register(s, "b")  # within the keep-alive: the same weights, no reload
+        await s.unregister("b")
+        await asyncio.sleep(0.1)
+        return [e for e in w.log if e[0] in ("load", "unload")]
+
+    events = run(models_dir, test, keep_alive_s=0.05)
+    assert events == [
+        ("load", "SmolLM2-135M-Instruct.Q4_1"),
+        ("unload", "SmolLM2-135M-Instruct.Q4_1"),
+    ]
+
+
+def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        too_long = s.submit(DecodeRequest("a", TextPrompt("y" * 600), 4))  # n_ctx is 512
+        with pytest.raises(PromptTooLong):
+            await too_long.done
+        agent = s.agents["a"]
+        assert agent.state is AgentState.RESIDENT and agent.kv_tokens == 0  # a sequence, empty
+        await decode(s, "b")
+        await decode(s, "c")  # takes a's sequence
+        assert agent.state is AgentState.EMPTY and agent.parked is None
+        assert not [e for e in w.log if e[0] == "park"]  # nothing was copied
+
+    run(models_dir, test)
+
+
+def _room_for_one_context(*infos: ModelInfo) -> int:
+    """Both models' weights and the larger of their contexts, as the residency sizes them."""
+    room = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    weights = sum(room.weights_request(i.path.stem, i).bytes for i in infos)
+    contexts = [room.context_request("m", i, 512, 2).bytes for i in infos]
+    return weights + max(contexts) + min(contexts) // 2
