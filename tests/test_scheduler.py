@@ -39,6 +39,7 @@ def run(
     park_budget: int = GiB,
     keep_alive_s: float = 300.0,
     max_queue: int = 64,
+    park_after_decode: bool = False,
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
@@ -49,7 +50,11 @@ def run(
             ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
         )
         config = SchedulerConfig(
-            models_dir, (models_dir,), max_queue=max_queue, keep_alive_s=keep_alive_s
+            models_dir,
+            (models_dir,),
+            max_queue=max_queue,
+            keep_alive_s=keep_alive_s,
+            park_after_decode=park_after_decode,
         )
         scheduler = Scheduler(worker, room, config)
         loop = asyncio.create_task(scheduler.run())
@@ -244,3 +249,32 @@ def _room_for_one_context(*infos: ModelInfo) -> int:
     weights = sum(room.weights_request(i.path.stem, i).bytes for i in infos)
     contexts = [room.context_request("m", i, 512, 2).bytes for i in infos]
     return weights + max(contexts) + min(contexts) // 2
+
+
+def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
+    models_dir: Path,
+) -> None:
+    """A decoding agent of one model waits for at most one state copy of another model's
+    agent at a time: its slices come between that agent's restore, its step and its park."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> list[tuple[str, ...]]:
+        await register(s, "streamer")
+        await register(s, "big", "gemma3-270m")
+        await decode(s, "big")  # then parked (forced)
+        streaming = s.submit(DecodeRequest("streamer", TextPrompt(" go"), 2000))
+        await asyncio.sleep(0.02)
+        start = len(w.log)
+        result = await decode(s, "big", max_tokens=1)
+        assert result.restored and s.agents["big"].state is AgentState.PARKED
+        s.cancel(streaming)
+        await streaming.done
+        return w.log[start:]
+
+    log = run(models_dir, test, park_after_decode=True)
+    copies_and_runs = ("restore", "run", "park")
+    big = [
+        i for i, e in enumerate(log) if e[1] == "gemma-3-270m-q4_k_m" and e[0] in copies_and_runs
+    ]
+    assert [log[i][0] for i in big] == ["restore", "run", "park"], log
+    for a, b in itertools.pairwise(big):
+        assert any(e[:2] == ("run", "SmolLM2-135M-Instruct.Q4_1") for e in log[a + 1 : b]), log

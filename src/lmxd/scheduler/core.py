@@ -227,7 +227,10 @@ class Scheduler:
                     job.fail(Cancelled("the daemon is shutting down"))
                 agent.jobs.clear()
             for slot in list(self.room.slots.values()):
+                self._replies += slot.held  # ended before their forced parks
+                slot.held.clear()
                 await self.models.unload(slot)
+            self._send_replies()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -261,8 +264,29 @@ class Scheduler:
         return busy[self._turn % len(busy)]
 
     async def _run_slice(self, slot: ModelSlot) -> None:
-        """One turn of ``slot``: admit its queued jobs, then up to slice_steps steps."""
+        """One turn of ``slot``: a park it owes; or admit its queued jobs, then up to
+        slice_steps steps.
+
+        Copies of sequence state get turns of their own when other models have work: a
+        16,000-token agent of a 1B model takes 11-13 ms to restore and as long to park, and
+        the agents of other models decode between its restore, its step and its park, not
+        after all three.
+        """
+        if slot.to_park:
+            agent = slot.to_park.pop(0)
+            if agent.state is AgentState.RESIDENT and slot.agents.get(agent.id) is agent:
+                await self.room.park(agent)
+            if not slot.to_park:
+                await self.room.close_if_unused(slot)
+                self._replies += slot.held
+                slot.held.clear()
+            return
+        transfers = self.room.transfers
+        copies = transfers.parks + transfers.restores
         await self._admit(slot)
+        copied = transfers.parks + transfers.restores != copies
+        if copied and any(s.has_work for s in self.room.slots.values() if s is not slot):
+            return
         active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
         for agent in [a for a in active if a.jobs[0].cancelled]:
             job = agent.jobs[0]
@@ -408,9 +432,12 @@ class Scheduler:
             self._apply(by_seq[seq], report)
         slot.last_used = time.monotonic()
         if self.config.park_after_decode:
-            for agent in slot.idle_residents():
-                await self.room.park(agent)
-            await self.room.close_if_unused(slot)
+            # Forced parks (testing): the replies wait for them, so that a client asking
+            # right after its reply finds its agent parked.
+            slot.to_park += [a for a in slot.idle_residents() if a not in slot.to_park]
+            if slot.to_park:
+                slot.held += [r for r in self._replies if r[0].agent.slot is slot]
+                self._replies = [r for r in self._replies if r[0].agent.slot is not slot]
 
     def _apply(self, agent: Agent, report: SeqReport) -> None:
         """What a slice did to one agent: its conversation grew; its reply may have ended."""

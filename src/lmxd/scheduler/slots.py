@@ -18,7 +18,9 @@ from lmxd.engine.stepper import SliceControl
 from lmxd.engine.worker import ContextHandle, ModelHandle
 from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
+from lmxd.results import DecodeResult
 from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.jobs import Job
 
 KEEPALIVE_HOLDER = "\0keepalive"  # the weights handle held while no agent refers to the model
 
@@ -35,6 +37,8 @@ class ModelSlot:
     context: ContextHandle | None = None
     context_reservation: Reservation | None = None
     control: SliceControl | None = None  # while a slice of this model runs
+    to_park: list[Agent] = field(default_factory=list)  # forced parks, one per turn
+    held: list[tuple[Job, DecodeResult]] = field(default_factory=list)  # replies until then
     seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
     unload_timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -77,8 +81,8 @@ class ModelSlot:
     @property
     def has_work(self) -> bool:
         """Agents waiting for their turn, or decoding with their stream read (or cancelled):
-        an agent whose client stopped reading waits without taking turns."""
-        return any(
+        an agent whose client stopped reading waits without taking turns; or parks owed."""
+        return bool(self.to_park) or any(
             a.state is AgentState.QUEUED
             or (a.state is AgentState.ACTIVE and (not a.jobs[0].stream_full or a.jobs[0].cancelled))
             for a in self.agents.values()
