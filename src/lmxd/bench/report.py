@@ -108,7 +108,7 @@ def render(json_path: Path) -> list[Path]:
         ax.set_title(spec["title"])
         ax.legend()
         fig.tight_layout()
-        path = json_path.with_name(f"{body['bench']}{'' if i == 0 else i + 1}.png")
+        path = json_path.with_name(f"{json_path.stem}{'' if i == 0 else i + 1}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
