@@ -760,7 +760,8 @@ def test_listening_beyond_loopback_without_a_key_is_refused_at_start_up() -> Non
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after() -> None:
-    d = Daemon("--max-queue", "1", http=True)
+    # The bound is per agent; with one auto-agent both requests queue on it.
+    d = Daemon("--max-queue", "1", "--auto-agents", "1", http=True)
     try:
         url = d.http_url
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

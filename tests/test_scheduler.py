@@ -23,7 +23,15 @@ from lmxd.memory.estimator import Backend
 from lmxd.memory.ledger import Ledger
 from lmxd.modelfile import ModelInfo, read_model_info
 from lmxd.results import DecodeResult, StopReason
-from lmxd.scheduler import AgentState, DecodeRequest, Scheduler, SchedulerConfig, TextPrompt
+from lmxd.scheduler import (
+    Activity,
+    Agent,
+    DecodeRequest,
+    Memory,
+    Scheduler,
+    SchedulerConfig,
+    TextPrompt,
+)
 from lmxd.scheduler.residency import Residency, ResidencyConfig
 
 T = TypeVar("T")
@@ -98,8 +106,8 @@ def test_the_least_recently_used_idle_agent_is_parked_never_a_decoding_one(
         await asyncio.sleep(0.02)  # b decoding
         result = await decode(s, "c")
         assert result.parked == ["a"]
-        assert s.agents["a"].state is AgentState.PARKED
-        assert s.agents["b"].state is AgentState.ACTIVE
+        assert s.agents["a"].state == "parked"
+        assert s.agents["b"].state == "decoding"
         await busy.done
         result = await decode(s, "a")  # restored, into the sequence of the idle one
         assert result.restored and result.parked == ["c"]
@@ -188,22 +196,30 @@ def test_cancel_a_queued_and_a_running_job(models_dir: Path) -> None:
         first, second = await running.done, await queued.done
         assert first.stop_reason is StopReason.CANCELLED and 0 < first.generated_tokens < 10_000
         assert second.stop_reason is StopReason.CANCELLED and second.generated_tokens == 0
-        assert s.agents["a"].state is AgentState.RESIDENT
+        assert s.agents["a"].state == "resident"
         assert (await decode(s, "a")).stop_reason is StopReason.LENGTH  # and it goes on
 
     run(models_dir, test)
 
 
-def test_the_queue_bound_is_a_named_error(models_dir: Path) -> None:
+def test_the_queue_is_bounded_per_agent_with_a_named_error(models_dir: Path) -> None:
+    """One client flooding its agent is refused at once; 96 agents with one turn each all
+    get in (a bound of 3 in all would have refused 93 of them)."""
+
     async def test(s: Scheduler, w: FakeWorker) -> None:
         await register(s, "a")
         jobs = [s.submit(DecodeRequest("a", TextPrompt(" x"), 5)) for _ in range(3)]
-        with pytest.raises(Busy):
+        with pytest.raises(Busy) as refused:
             s.submit(DecodeRequest("a", TextPrompt(" x"), 5))
-        await asyncio.gather(*(j.done for j in jobs))
+        assert refused.value.details == {"agent": "a", "max_queue": 3}
+        others = [f"o{i}" for i in range(96)]
+        for name in others:
+            await register(s, name)
+        turns = [s.submit(DecodeRequest(name, TextPrompt(" y"), 2)) for name in others]
+        await asyncio.gather(*(j.done for j in jobs + turns))
         await decode(s, "a")  # room again once they are done
 
-    run(models_dir, test, max_queue=3)
+    run(models_dir, test, max_queue=3, max_seqs=16)
 
 
 def test_a_model_unloads_after_its_keep_alive_and_a_register_meanwhile_keeps_it(
@@ -234,10 +250,10 @@ def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir:
         with pytest.raises(PromptTooLong):
             await too_long.done
         agent = s.agents["a"]
-        assert agent.state is AgentState.RESIDENT and agent.kv_tokens == 0  # a sequence, empty
+        assert agent.state == "resident" and agent.kv_tokens == 0  # a sequence, empty
         await decode(s, "b")
         await decode(s, "c")  # takes a's sequence
-        assert agent.state is AgentState.EMPTY and agent.parked is None
+        assert agent.state == "empty" and agent.parked is None
         assert not [e for e in w.log if e[0] == "park"]  # nothing was copied
 
     run(models_dir, test)
@@ -265,7 +281,7 @@ def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
         await asyncio.sleep(0.02)
         start = len(w.log)
         result = await decode(s, "big", max_tokens=1)
-        assert result.restored and s.agents["big"].state is AgentState.PARKED
+        assert result.restored and s.agents["big"].state == "parked"
         s.cancel(streaming)
         await streaming.done
         return w.log[start:]
@@ -278,3 +294,26 @@ def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
     assert [log[i][0] for i in big] == ["restore", "run", "park"], log
     for a, b in itertools.pairwise(big):
         assert any(e[:2] == ("run", "SmolLM2-135M-Instruct.Q4_1") for e in log[a + 1 : b]), log
+
+
+def test_an_agents_two_states_move_only_along_their_tables() -> None:
+    agent = Agent("a", None, 512, SamplingParams(), None)  # type: ignore[arg-type]
+    assert agent.state == "empty"
+    with pytest.raises(RuntimeError):
+        agent.place(Memory.PARKED)  # parked without ever being resident
+    with pytest.raises(RuntimeError):
+        agent.do(Activity.RUNNING)  # running without being queued
+    agent.do(Activity.QUEUED)
+    agent.place(Memory.RESIDENT)
+    assert agent.state == "queued"
+    agent.place(Memory.PARKING)  # a queued agent's KV may be parked for an earlier job
+    assert agent.state == "parking"
+    agent.place(Memory.PARKED)
+    agent.place(Memory.RESTORING)
+    agent.place(Memory.RESIDENT)
+    agent.do(Activity.RUNNING)
+    assert agent.state == "decoding"
+    with pytest.raises(RuntimeError):
+        agent.place(Memory.PARKED)  # only through PARKING
+    agent.do(Activity.IDLE)
+    assert agent.state == "resident"

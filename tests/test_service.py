@@ -184,3 +184,29 @@ def test_an_agents_greedy_text_does_not_depend_on_who_else_is_resident(
 
     alone, beside = run_service(models_dir, test, max_seqs=8)
     assert alone == beside
+
+
+def test_deterministic_agents_decode_alike_alone_and_together(models_dir: Path) -> None:
+    """Under --deterministic each step carries one agent: four Gemma 3 agents decoding at once
+    (their prompts would otherwise be prefilled in one batch of 64 tokens or more, where
+    llama.cpp's CPU kernels take another path) give the texts they give one at a time."""
+    prompts = [f" Story {i}: the {w} of the old harbour town was" for i, w in enumerate("abcd")]
+
+    async def say(svc: Service, agent: str, text: str) -> str:
+        stream = svc.decode(DecodeRequest(agent, TextPrompt(text), max_tokens=16))
+        return (await stream.result()).text
+
+    async def test(svc: Service) -> tuple[list[str], list[str]]:
+        names = [f"d{i}" for i in range(len(prompts))]
+        for name in names:
+            await svc.register(name, "gemma3-270m", n_ctx=512)
+        alone = [await say(svc, n, p) for n, p in zip(names, prompts, strict=True)]
+        for name in names:
+            await svc.reset(name)
+        together = await asyncio.gather(
+            *(say(svc, n, p) for n, p in zip(names, prompts, strict=True))
+        )
+        return alone, list(together)
+
+    alone, together = run_service(models_dir, test, max_seqs=4, deterministic=True)
+    assert alone == together

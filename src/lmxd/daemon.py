@@ -47,6 +47,7 @@ class DaemonConfig:
     max_queue: int = 64
     default_n_ctx: int = 4096
     park_after_decode: bool = False
+    deterministic: bool = False  # one sequence per decode step: output independent of others
     n_threads: int = 0
     max_seqs: int = 16
     http: HttpConfig | None = field(default_factory=HttpConfig)  # None: no HTTP front
@@ -107,7 +108,7 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
             raise got.error()
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
     store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
-    worker = LlamaWorker(engine)
+    worker = LlamaWorker(engine, config.deterministic)
     room = Residency(
         worker,
         ledger,

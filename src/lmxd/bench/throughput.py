@@ -5,7 +5,8 @@ of one context, one token each per step, the batch filled once and only its posi
 the logits read after each step (which waits for the device), and nothing else. The daemon
 then serves B agents of the same model, each decoding TOKENS tokens at once; its figure is
 the tokens of all replies over the time from the requests to the last reply (prefill
-included), for greedy decoding and for temperature 0.8 / top-k 40 / top-p 0.95.
+included), for greedy decoding and for temperature 0.8 / top-k 40 / top-p 0.95; then greedy
+again under ``--deterministic`` (one agent per step), for what that costs.
 
 With a GPU: the Llama-3.2-1B shape at 1, 8, 16, 32 and 64 agents (goals: 1 agent >= 90% of
 the reference, 8 to 32 >= 85%, 64 >= 75%; the aggregate grows from 8 to 64 agents), then
@@ -175,6 +176,21 @@ def run(models_dir: Path, out: Path) -> Report:
                 "x",
                 ">= 0.5",
                 min(per_agent) >= 0.5 * mean,
+            )
+    # What --deterministic costs: one agent per step, so agents no longer share steps.
+    rates["greedy, --deterministic"] = {}
+    with DaemonProcess(*args, "--deterministic") as daemon:
+        for n in counts:
+            rows = asyncio.run(_daemon(daemon.socket, [model] * n, None))
+            rate = sum(r["tokens"] for r in rows) / rows[0]["wall_s"]
+            rates["greedy, --deterministic"][n] = rate
+            report.rows.append(
+                {"sampling": "greedy, --deterministic", "agents": n, "aggregate": rate}
+            )
+            report.add(
+                f"daemon --deterministic, {n} agents, greedy: share of llama_decode alone",
+                100 * rate / reference[n],
+                "%",
             )
     report.meta["reference"] = {str(n): reference[n] for n in counts}
     report.meta["model"] = model

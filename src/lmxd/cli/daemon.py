@@ -61,7 +61,7 @@ from lmxd.units import parse_bytes
     type=int,
     default=64,
     show_default=True,
-    help="DECODE jobs waiting or running; past it requests get BUSY.",
+    help="DECODE jobs one agent may have waiting or running; past it its requests get BUSY.",
 )
 @click.option(
     "--n-ctx",
@@ -76,6 +76,12 @@ from lmxd.units import parse_bytes
     "--park-after-decode",
     is_flag=True,
     help="Testing: park every agent as soon as its DECODE ends.",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Decode one agent per step, so that an agent's output is the same whatever else "
+    "runs (agents of a model no longer share steps: see docs/benchmarks.md for the cost).",
 )
 @click.option(
     "--threads",
@@ -139,6 +145,7 @@ def serve(
     max_queue: int,
     default_n_ctx: int,
     park_after_decode: bool,
+    deterministic: bool,
     threads: int,
     http_address: str,
     api_key: str | None,
@@ -165,6 +172,7 @@ def serve(
         max_queue=max_queue,
         default_n_ctx=default_n_ctx,
         park_after_decode=park_after_decode,
+        deterministic=deterministic,
         n_threads=threads,
         max_seqs=max_seqs,
         http=None if http_address == "off" else HttpConfig(*parse_address(http_address), api_key),

@@ -254,9 +254,6 @@ class Context:
             llama_cpp.llama_set_sampler(self.ptr, seq, None)
             llama_cpp.llama_sampler_free(held[1])
 
-    def device_sampled(self, seq: int) -> bool:
-        return seq in self._chains
-
     def _resync(self, seqs: list[int]) -> None:
         """After a failed step, take each sequence's length from llama.cpp's own memory."""
         for s in seqs:

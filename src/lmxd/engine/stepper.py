@@ -156,10 +156,18 @@ def _row_argmax(logits: npt.NDArray[np.float32]) -> list[int]:
 
 
 class Stepper:
-    """Replies on the sequences of one context. Engine thread only."""
+    """Replies on the sequences of one context. Engine thread only.
 
-    def __init__(self, context: Context) -> None:
+    ``one_per_step`` (lmxd's ``--deterministic``): each step carries one sequence only, in
+    turn, so that every sequence is computed exactly as it would be alone. llama.cpp's
+    kernels take other paths for other batch sizes (on the CPU once a batch holds 64 tokens
+    or more; on a GPU by batch size): decoding with other agents, or a prompt prefilled in
+    one batch with theirs, can flip a near-tied greedy token.
+    """
+
+    def __init__(self, context: Context, one_per_step: bool = False) -> None:
         self.ctx = context
+        self.one_per_step = one_per_step
         self._pieces = context.model.pieces
         self._eog = context.model.end_of_generation
         self._work: dict[int, _Work] = {}
@@ -220,7 +228,8 @@ class Stepper:
                     live = [w for w in live if w.seq not in control.paused]
             if not live:
                 break
-            pieces, ended = self._step(live, reports)
+            batch = [live[step % len(live)]] if self.one_per_step else live
+            pieces, ended = self._step(batch, reports)
             if pieces and emit is not None:
                 emit(pieces)
             if ended:

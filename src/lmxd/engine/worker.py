@@ -80,9 +80,9 @@ class Worker(Protocol):
 class _Open:
     """A llama.cpp context with its stepper: the handle :class:`LlamaWorker` gives out."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, one_per_step: bool) -> None:
         self.context = context
-        self.stepper = Stepper(context)
+        self.stepper = Stepper(context, one_per_step)
 
     @property
     def n_ctx(self) -> int:
@@ -94,10 +94,13 @@ class _Open:
 
 
 class LlamaWorker:
-    """The :class:`Worker` over llama.cpp: every call runs on the engine thread."""
+    """The :class:`Worker` over llama.cpp: every call runs on the engine thread.
 
-    def __init__(self, engine: Engine) -> None:
+    ``deterministic``: every step carries one sequence (see :class:`Stepper`)."""
+
+    def __init__(self, engine: Engine, deterministic: bool = False) -> None:
         self.engine = engine
+        self.deterministic = deterministic
         self._registry = engine.call(ModelRegistry, engine)
 
     async def load(self, path: Path) -> ModelHandle:
@@ -119,7 +122,7 @@ class LlamaWorker:
         assert isinstance(model, Model)
 
         def open_() -> _Open:
-            return _Open(Context(model, params))
+            return _Open(Context(model, params), self.deterministic)
 
         return await self.engine.acall(open_)
 

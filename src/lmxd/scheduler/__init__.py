@@ -5,7 +5,7 @@ it is handed. See ``core.py`` for the loop, ``agents.py`` for an agent's life, `
 a DECODE's, ``slots.py`` for a model's.
 """
 
-from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.core import Scheduler, SchedulerConfig
 from lmxd.scheduler.jobs import (
     ChatTurn,
@@ -17,12 +17,13 @@ from lmxd.scheduler.jobs import (
 )
 
 __all__ = [
+    "Activity",
     "Agent",
-    "AgentState",
     "ChatTurn",
     "Conversation",
     "DecodeRequest",
     "Job",
+    "Memory",
     "Prompt",
     "Scheduler",
     "SchedulerConfig",

@@ -1,16 +1,22 @@
-"""An agent's life: its states, and what it keeps between DECODEs.
+"""An agent's life: where its KV is, what it is doing, and what it keeps between DECODEs.
 
-::
+Two small state machines, each with its own table of allowed moves (``_MEMORY_MOVES``,
+``_ACTIVITY_MOVES``)::
 
-    REGISTER ─▶ EMPTY ─(job)─▶ QUEUED ─(admitted)─▶ ACTIVE ─(done)─▶ RESIDENT
-                  ▲               ▲  └─(KV parked)─▶ RESTORING ─▶ ACTIVE    │
-                  │               └──────────── PARKED ◀── PARKING ◀──(idle, room needed)
-                  └── RESET from EMPTY / RESIDENT / PARKED
-    A QUEUED agent whose KV is resident may be parked too (its context is being reopened
-    larger); it stays QUEUED. UNREGISTER from any state frees everything the agent holds.
+    Memory, where its KV is
+        NONE ─(seated)─▶ RESIDENT ─▶ PARKING ─▶ PARKED ─▶ RESTORING ─▶ RESIDENT
+        RESIDENT ─(nothing in KV to park; RESET; UNREGISTER)─▶ NONE
+        PARKED ─(RESET; UNREGISTER)─▶ NONE
+        a copy that fails goes back: PARKING ─▶ RESIDENT, RESTORING ─▶ PARKED
 
-Where the agent's KV is follows from its fields: a sequence id while resident, a
-:class:`ParkedState` while parked, neither while empty.
+    Activity, what it is doing
+        IDLE ─(DECODE)─▶ QUEUED ─(admitted)─▶ RUNNING ─(done)─▶ IDLE, or QUEUED (its next job)
+        QUEUED ─(cancelled or failed, no job left)─▶ IDLE
+
+An agent is parked only with something to park: a resident agent whose sequence holds no
+token loses its sequence and has no KV anywhere (NONE). The two move independently: a DECODE
+may queue an agent while its KV is on its way to host RAM, and a queued agent's KV may be
+parked to seat a job that came first. UNREGISTER from any state frees everything it holds.
 """
 
 from __future__ import annotations
@@ -29,42 +35,41 @@ if TYPE_CHECKING:
     from lmxd.scheduler.slots import ModelSlot
 
 
-class AgentState(StrEnum):
-    EMPTY = "empty"  # registered, nothing in any KV
-    RESIDENT = "resident"  # idle, KV in a sequence of its model's context
-    PARKED = "parked"  # idle, KV in host RAM
+class Memory(StrEnum):
+    """Where an agent's KV is."""
+
+    NONE = "none"  # in no KV: never decoded, RESET, or nothing was left to park
+    RESIDENT = "resident"  # in a sequence of its model's context
+    PARKING = "parking"  # on its way to host RAM
+    PARKED = "parked"  # in host RAM
+    RESTORING = "restoring"  # on its way back into a sequence
+
+
+class Activity(StrEnum):
+    """What an agent is doing."""
+
+    IDLE = "idle"
     QUEUED = "queued"  # a job waits for its turn
-    RESTORING = "restoring"  # KV on its way back from host RAM
-    ACTIVE = "decoding"  # prefilling or generating
-    PARKING = "parking"  # KV on its way to host RAM
+    RUNNING = "running"  # prefilling or generating
 
 
-_TRANSITIONS: dict[AgentState, set[AgentState]] = {
-    AgentState.EMPTY: {AgentState.QUEUED},
-    AgentState.RESIDENT: {AgentState.QUEUED, AgentState.PARKING, AgentState.EMPTY},
-    AgentState.PARKED: {AgentState.QUEUED, AgentState.EMPTY},
-    AgentState.QUEUED: {
-        AgentState.ACTIVE,
-        AgentState.RESTORING,
-        AgentState.EMPTY,
-        AgentState.RESIDENT,
-        AgentState.PARKED,
-        AgentState.PARKING,
-    },
-    AgentState.RESTORING: {
-        AgentState.ACTIVE,
-        AgentState.PARKED,
-        AgentState.EMPTY,
-        AgentState.RESIDENT,
-    },
-    AgentState.ACTIVE: {AgentState.RESIDENT, AgentState.EMPTY},
-    AgentState.PARKING: {
-        AgentState.PARKED,
-        AgentState.RESIDENT,
-        AgentState.EMPTY,
-        AgentState.QUEUED,
-    },
+_MEMORY_MOVES: dict[Memory, set[Memory]] = {
+    Memory.NONE: {Memory.RESIDENT},
+    Memory.RESIDENT: {Memory.PARKING, Memory.NONE},
+    Memory.PARKING: {Memory.PARKED, Memory.RESIDENT},
+    Memory.PARKED: {Memory.RESTORING, Memory.NONE},
+    Memory.RESTORING: {Memory.RESIDENT, Memory.PARKED},
 }
+
+_ACTIVITY_MOVES: dict[Activity, set[Activity]] = {
+    Activity.IDLE: {Activity.QUEUED},
+    Activity.QUEUED: {Activity.RUNNING, Activity.IDLE},
+    Activity.RUNNING: {Activity.IDLE, Activity.QUEUED},
+}
+
+# The one word STATUS and LIST show for an agent (docs/protocol.md): a copy in progress,
+# else what it is doing, else where its idle KV is.
+_SHOWN = {Memory.NONE: "empty", Memory.RESIDENT: "resident", Memory.PARKED: "parked"}
 
 
 @dataclass(eq=False)  # identity: agents are kept in sets and compared by who they are
@@ -74,7 +79,8 @@ class Agent:
     n_ctx: int
     sampling: SamplingParams
     system_prompt: str | None
-    state: AgentState = AgentState.EMPTY
+    memory: Memory = Memory.NONE
+    activity: Activity = Activity.IDLE
     tokens: list[int] = field(default_factory=list)  # the conversation, in KV or to prefill
     # The text ``tokens`` spell when the conversation was rendered (chat, or the HTTP API's
     # whole prompts), and whether the model's BOS went before it. A request whose text
@@ -89,15 +95,33 @@ class Agent:
     jobs: list[Job] = field(default_factory=list)  # FIFO; the head is the one in progress
     last_used: float = field(default_factory=time.time)
 
-    def move(self, to: AgentState) -> None:
-        """Change state along an allowed edge; anything else is a scheduler bug."""
-        if to not in _TRANSITIONS[self.state]:
-            raise RuntimeError(f"agent {self.id}: illegal transition {self.state} -> {to}")
-        self.state = to
+    def place(self, to: Memory) -> None:
+        """Move its KV along an allowed edge; anything else is a scheduler bug."""
+        if to not in _MEMORY_MOVES[self.memory]:
+            raise RuntimeError(f"agent {self.id}: illegal move of its KV {self.memory} -> {to}")
+        self.memory = to
+
+    def do(self, to: Activity) -> None:
+        """Change what it is doing along an allowed edge; anything else is a scheduler bug."""
+        if to not in _ACTIVITY_MOVES[self.activity]:
+            raise RuntimeError(f"agent {self.id}: illegal move {self.activity} -> {to}")
+        self.activity = to
 
     @property
     def idle(self) -> bool:
-        return self.state in (AgentState.EMPTY, AgentState.RESIDENT, AgentState.PARKED)
+        return self.activity is Activity.IDLE
+
+    @property
+    def state(self) -> str:
+        """One word for STATUS and LIST: ``empty``, ``resident``, ``parked``, ``queued``,
+        ``decoding``, ``parking`` or ``restoring``."""
+        if self.memory in (Memory.PARKING, Memory.RESTORING):
+            return self.memory.value
+        if self.activity is Activity.RUNNING:
+            return "decoding"
+        if self.activity is Activity.QUEUED:
+            return "queued"
+        return _SHOWN[self.memory]
 
     @property
     def kv_tokens(self) -> int:

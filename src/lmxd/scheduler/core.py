@@ -38,7 +38,7 @@ from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
 from lmxd.results import DecodeResult, Piece, StopReason
-from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
 from lmxd.scheduler.residency import Residency
@@ -53,7 +53,7 @@ _GATHER_YIELDS = 4  # loop turns; each costs microseconds
 class SchedulerConfig:
     models_dir: Path
     allowed_dirs: tuple[Path, ...]  # model files outside these are refused
-    max_queue: int = 64  # jobs waiting or running, all agents together
+    max_queue: int = 64  # DECODE jobs one agent may have waiting or running
     slice_steps: int = 16  # steps one model runs (in one engine call) before the next's turn
     keep_alive_s: float = 300.0  # unload a model this long after its last agent goes
     park_after_decode: bool = False  # testing: park every agent as soon as its job ends
@@ -121,9 +121,13 @@ class Scheduler:
     def submit(self, request: DecodeRequest) -> Job:
         """Queue a DECODE; the job's ``done`` future carries the reply."""
         agent = self._agent(request.agent)
-        if self.queue_depth() >= self.config.max_queue:
+        # Bounded per agent, not in all: one client that floods its agent is refused at once,
+        # and does not take the places of other agents' single turns.
+        if len(agent.jobs) >= self.config.max_queue:
             raise Busy(
-                f"the queue is full ({self.config.max_queue} jobs); try again shortly",
+                f"agent {agent.id!r} has {self.config.max_queue} DECODE jobs waiting or "
+                "running already; try again shortly",
+                agent=agent.id,
                 max_queue=self.config.max_queue,
             )
         if request.max_tokens <= 0:
@@ -143,7 +147,7 @@ class Scheduler:
             # share their prefill.
             agent.slot.control.stop = True
         if agent.idle:
-            agent.move(AgentState.QUEUED)
+            agent.do(Activity.QUEUED)
         self._wake.set()
         return job
 
@@ -182,8 +186,6 @@ class Scheduler:
                 )
             await self.room.drop(agent)
             agent.tokens, agent.history, agent.text = [], [], None
-            if agent.state is AgentState.RESIDENT or agent.state is AgentState.PARKED:
-                agent.move(AgentState.EMPTY)  # QUEUED (a DECODE came meanwhile) stays queued
             await self.room.close_if_unused(agent.slot)
 
     async def unregister(self, agent_id: str) -> None:
@@ -274,7 +276,11 @@ class Scheduler:
         """
         if slot.to_park:
             agent = slot.to_park.pop(0)
-            if agent.state is AgentState.RESIDENT and slot.agents.get(agent.id) is agent:
+            if (
+                agent.idle
+                and agent.memory is Memory.RESIDENT
+                and slot.agents.get(agent.id) is agent
+            ):
                 await self.room.park(agent)
             if not slot.to_park:
                 await self.room.close_if_unused(slot)
@@ -287,7 +293,7 @@ class Scheduler:
         copied = transfers.parks + transfers.restores != copies
         if copied and any(s.has_work for s in self.room.slots.values() if s is not slot):
             return
-        active = [a for a in slot.agents.values() if a.state is AgentState.ACTIVE]
+        active = [a for a in slot.agents.values() if a.activity is Activity.RUNNING]
         for agent in [a for a in active if a.jobs[0].cancelled]:
             job = agent.jobs[0]
             assert slot.context is not None and agent.seq is not None
@@ -330,7 +336,7 @@ class Scheduler:
         is decoding anywhere, waiting would be forever (say, the park budget is spent), so its
         job fails with the reason instead.
         """
-        queued = [a for a in slot.agents.values() if a.state is AgentState.QUEUED]
+        queued = [a for a in slot.agents.values() if a.activity is Activity.QUEUED]
         unseated: list[Agent] = []
         # Aging: while another model's job waits for a context (memory this model's context
         # may hold), this model admits nothing that came after it, so that its context can
@@ -352,10 +358,10 @@ class Scheduler:
             except LmxdError as exc:
                 self._fail(agent, job, exc)
                 continue
-            agent.move(AgentState.ACTIVE)
+            agent.do(Activity.RUNNING)
             job.timings.admitted = time.perf_counter()
             slot.last_used = time.monotonic()
-        if unseated and not any(a.state is AgentState.ACTIVE for a in self.agents.values()):
+        if unseated and not any(a.activity is Activity.RUNNING for a in self.agents.values()):
             for agent in unseated:
                 self._fail(agent, agent.jobs[0], self._no_room(slot))
 
@@ -509,19 +515,15 @@ class Scheduler:
         self._end(agent, job, stream_ended=True)
 
     def _end(self, agent: Agent, job: Job, stream_ended: bool = False) -> None:
-        """The job leaves the agent, which goes idle where its KV is, or takes its next job."""
+        """The job leaves the agent, which goes idle, or waits for its next job."""
         agent.jobs.remove(job)
         if job.events is not None and not stream_ended:
             job.events.put_nowait(None)  # end of stream
         agent.last_used = time.time()
-        if agent.seq is not None:
-            idle = AgentState.RESIDENT
-        else:
-            idle = AgentState.PARKED if agent.parked is not None else AgentState.EMPTY
-        if agent.state is not idle:
-            agent.move(idle)
+        after = Activity.QUEUED if agent.jobs else Activity.IDLE
+        if agent.activity is not after:
+            agent.do(after)
         if agent.jobs:
-            agent.move(AgentState.QUEUED)
             self._wake.set()
 
     def _no_room(self, slot: ModelSlot) -> LmxdError:

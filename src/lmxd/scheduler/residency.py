@@ -21,7 +21,7 @@ from lmxd.kvstore import KvStore
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
-from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.jobs import Job
 from lmxd.scheduler.slots import ModelSlot
 
@@ -94,7 +94,7 @@ class Residency:
             return for_job is not None and all(
                 a.idle
                 or (
-                    a.state is AgentState.QUEUED
+                    a.activity is Activity.QUEUED
                     and a.jobs[0].timings.submitted > for_job.timings.submitted
                 )
                 for a in s.agents.values()
@@ -182,36 +182,34 @@ class Residency:
     # -- agents ------------------------------------------------------------------------------
 
     async def park(self, agent: Agent, job: Job | None = None) -> bool:
-        """Move an idle resident agent's KV to host RAM. False if the park budget is spent.
+        """Move a resident agent's KV to host RAM and free its sequence. False if the park
+        budget is spent. An agent whose sequence holds nothing only gives the sequence up: it
+        has no KV anywhere, and is not counted or reported as parked.
 
         ``job`` is the job this park makes room for: it is charged the time and told who left.
         """
         slot, ctx, seq = agent.slot, agent.slot.context, agent.seq
         assert ctx is not None and seq is not None
-        before = agent.state  # RESIDENT, or QUEUED when its context is being reopened
-        agent.move(AgentState.PARKING)
-        t0 = time.perf_counter()
         if agent.kv == 0:
-            state = None
-        else:
-            try:
-                state = await self.worker.park(ctx, seq, self.store)
-            except LmxdError:
-                agent.move(AgentState.QUEUED if agent.jobs else before)
-                raise
-            if state is None:
-                agent.move(AgentState.QUEUED if agent.jobs else before)
-                return False
+            slot.seqs[seq], agent.seq = None, None
+            agent.place(Memory.NONE)
+            return True
+        agent.place(Memory.PARKING)
+        t0 = time.perf_counter()
+        try:
+            state = await self.worker.park(ctx, seq, self.store)
+        except LmxdError:
+            agent.place(Memory.RESIDENT)
+            raise
+        if state is None:
+            agent.place(Memory.RESIDENT)
+            return False
         slot.seqs[seq] = None
         agent.seq, agent.parked, agent.kv = None, state, 0
-        # A DECODE may have arrived while the copy ran: then the agent waits its turn. With
-        # nothing to copy, the agent holds nothing anywhere: it is empty, not parked.
-        idle = AgentState.PARKED if state is not None else AgentState.EMPTY
-        agent.move(AgentState.QUEUED if agent.jobs else idle)
+        agent.place(Memory.PARKED)
         elapsed = time.perf_counter() - t0
-        nbytes = state.nbytes if state else 0
         self.transfers.parks += 1
-        self.transfers.park_bytes += nbytes
+        self.transfers.park_bytes += state.nbytes
         self.transfers.park_s += elapsed
         if job is not None:
             job.timings.park += elapsed
@@ -220,8 +218,8 @@ class Residency:
             "park agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
             agent.id,
             slot.key,
-            state.n_tokens if state else 0,
-            nbytes,
+            state.n_tokens,
+            state.nbytes,
             elapsed * 1000,
         )
         return True
@@ -235,6 +233,8 @@ class Residency:
         if agent.parked is not None:
             self.store.free(agent.parked)
         agent.seq, agent.parked, agent.kv = None, None, 0
+        if agent.memory is not Memory.NONE:
+            agent.place(Memory.NONE)
 
     def _outgrown(self, slot: ModelSlot, agent: Agent) -> bool:
         """The context is too small for ``agent`` (its stream is shorter than the agent's
@@ -255,7 +255,7 @@ class Residency:
         later = [
             a
             for a in slot.residents()
-            if a.state is AgentState.QUEUED and a.jobs[0].timings.submitted > job.timings.submitted
+            if a.activity is Activity.QUEUED and a.jobs[0].timings.submitted > job.timings.submitted
         ]
         return max(later, key=lambda a: a.jobs[0].timings.submitted, default=None)
 
@@ -263,8 +263,7 @@ class Residency:
     def _none_busy(slot: ModelSlot) -> bool:
         """Every agent idle or waiting: the context can be closed (every resident parked)
         and reopened in another shape without stalling anyone."""
-        idle = (AgentState.RESIDENT, AgentState.PARKED, AgentState.EMPTY, AgentState.QUEUED)
-        return all(a.state in idle for a in slot.agents.values())
+        return all(a.activity is not Activity.RUNNING for a in slot.agents.values())
 
     async def make_resident(self, agent: Agent, job: Job) -> bool:
         """Give ``agent`` a sequence, restoring its parked state. False: wait and try again."""
@@ -287,15 +286,17 @@ class Residency:
             assert seq is not None
         assert slot.context is not None
         slot.seqs[seq], agent.seq = agent.id, seq
-        if agent.parked is not None:
-            agent.move(AgentState.RESTORING)
+        if agent.parked is None:
+            agent.place(Memory.RESIDENT)
+        else:
+            agent.place(Memory.RESTORING)
             t0 = time.perf_counter()
             state = agent.parked
             try:
                 await self.worker.restore(slot.context, seq, state)
             except LmxdError:
                 slot.seqs[seq], agent.seq = None, None
-                agent.move(AgentState.PARKED)
+                agent.place(Memory.PARKED)
                 raise
             elapsed = time.perf_counter() - t0
             job.timings.restore += elapsed
@@ -305,6 +306,7 @@ class Residency:
             self.transfers.restore_s += elapsed
             self.store.free(state)
             agent.parked, agent.kv = None, state.n_tokens
+            agent.place(Memory.RESIDENT)
             log.info(
                 "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
                 agent.id,

@@ -19,7 +19,7 @@ from lmxd.engine.worker import ContextHandle, ModelHandle
 from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.results import DecodeResult
-from lmxd.scheduler.agents import Agent, AgentState
+from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.jobs import Job
 
 KEEPALIVE_HOLDER = "\0keepalive"  # the weights handle held while no agent refers to the model
@@ -63,7 +63,7 @@ class ModelSlot:
 
     def idle_residents(self) -> list[Agent]:
         """Resident agents that may be parked, least recently used first."""
-        idle = [a for a in self.residents() if a.state is AgentState.RESIDENT]
+        idle = [a for a in self.residents() if a.idle and a.memory is Memory.RESIDENT]
         return sorted(idle, key=lambda a: a.last_used)
 
     def waiting_for_context(self) -> float | None:
@@ -71,7 +71,7 @@ class ModelSlot:
         agents wait for memory (or for their turn to open one)."""
         if self.context is not None:
             return None
-        queued = [a for a in self.agents.values() if a.state is AgentState.QUEUED]
+        queued = [a for a in self.agents.values() if a.activity is Activity.QUEUED]
         return min((a.jobs[0].timings.submitted for a in queued), default=None)
 
     @property
@@ -83,7 +83,10 @@ class ModelSlot:
         """Agents waiting for their turn, or decoding with their stream read (or cancelled):
         an agent whose client stopped reading waits without taking turns; or parks owed."""
         return bool(self.to_park) or any(
-            a.state is AgentState.QUEUED
-            or (a.state is AgentState.ACTIVE and (not a.jobs[0].stream_full or a.jobs[0].cancelled))
+            a.activity is Activity.QUEUED
+            or (
+                a.activity is Activity.RUNNING
+                and (not a.jobs[0].stream_full or a.jobs[0].cancelled)
+            )
             for a in self.agents.values()
         )

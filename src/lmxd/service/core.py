@@ -34,7 +34,7 @@ from lmxd.errors import (
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
 from lmxd.results import DecodeResult, Piece
-from lmxd.scheduler import Agent, AgentState, Conversation, DecodeRequest, Job, Scheduler
+from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Scheduler
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
 from lmxd.service.views import AgentView, LoadedModel, Registered
@@ -349,7 +349,7 @@ class Service:
             "queue": {
                 "depth": sched.queue_depth(),
                 "max": self.limits.max_queue,
-                "running": sum(a.state is AgentState.ACTIVE for a in agents),
+                "running": sum(a.activity is Activity.RUNNING for a in agents),
             },
             "agents": len(sched.agents),
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -370,7 +370,7 @@ class Service:
             AgentView(
                 agent=a.id,
                 model=a.slot.key,
-                state=a.state.value,
+                state=a.state,
                 n_ctx=a.n_ctx,
                 tokens=len(a.tokens),
                 kv_tokens=a.kv_tokens,

@@ -19,7 +19,7 @@ class Registered(msgspec.Struct, frozen=True):
 class AgentView(msgspec.Struct, frozen=True):
     agent: str
     model: str
-    state: str  # an AgentState value
+    state: str  # Agent.state: empty, resident, parked, queued, decoding, parking, restoring
     n_ctx: int
     tokens: int  # tokens of its conversation
     kv_tokens: int  # of those, held in KV (resident or parked)
