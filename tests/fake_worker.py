@@ -16,11 +16,13 @@ from pathlib import Path
 from lmxd.engine.context import ContextParams, StateLayout
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl
 from lmxd.engine.worker import ContextHandle, ModelHandle
+from lmxd.errors import InvalidInput
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.modelfile import ModelInfo, read_model_info
 from lmxd.results import Piece, StopReason
 
 STATE_BYTES_PER_TOKEN = 1000
+REFUSED = "refused"  # a grammar begin() refuses, as llama.cpp refuses a bad one
 
 
 @dataclass
@@ -74,7 +76,7 @@ class FakeWorker:
 
     async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle:
         name = model.info.path.stem
-        self.log.append(("open", name, str(params.n_seq_max)))
+        self.log.append(("open", name, str(params.n_seq_max), str(params.n_ctx)))
         return FakeContext(name, params.n_ctx, params.n_seq_max, [0] * params.n_seq_max)
 
     async def close_context(self, ctx: ContextHandle) -> None:
@@ -86,6 +88,8 @@ class FakeWorker:
         fake = _fake(ctx)
         kept = min(keep, fake.seq_len[seq])
         fake.seq_len[seq] = kept
+        if spec.grammar == REFUSED:
+            raise InvalidInput("the fake engine refuses this grammar")
         fake.replies[seq] = _Reply(tokens[kept:], spec)
         return kept
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import stat
@@ -11,10 +12,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from daemon_harness import Daemon, Wire
 
+from lmxd.memory.estimator import Backend, estimate, weight_bytes
+from lmxd.modelfile import read_model_info
 from lmxd.spawn import DaemonProcess
 
 CHAT = [
@@ -373,14 +377,21 @@ def test_many_clients_at_once(daemon: Daemon) -> None:
     assert json.dumps(w.ok("LIST"))  # still answering
 
 
-def test_two_models_that_cannot_be_resident_together_take_turns() -> None:
-    # weights 327 MiB + SmolLM2's context (~61 MiB) fit under a 410 MiB cap; Gemma's (~43 MiB)
-    # does not fit beside them: the daemon parks one model's agent for the other's DECODE.
-    d = Daemon("--vram-limit", "456MiB")
+def test_two_models_that_cannot_be_resident_together_take_turns(
+    smollm2: Path, gemma3: Path
+) -> None:
+    # A cap that holds both models' weights and one context of 256 cells, but not two: the
+    # daemon parks one model's agent for the other's DECODE (n_ctx 256: KV by use can give
+    # them no less).
+    infos = [read_model_info(p) for p in (smollm2, gemma3)]
+    weights = sum(weight_bytes(i, Backend.CPU)[0] for i in infos)
+    contexts = [estimate(i, 256, 1).context for i in infos]
+    cap = weights + max(contexts) + min(contexts) // 2
+    d = Daemon("--vram-limit", str(math.ceil(cap / 0.9)))
     try:
         w = d.wire()
-        w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=2048)
-        w.ok("REGISTER", agent="b", model="gemma3-270m", n_ctx=2048)
+        w.ok("REGISTER", agent="a", model="smollm2-135m", n_ctx=256)
+        w.ok("REGISTER", agent="b", model="gemma3-270m", n_ctx=256)
         for _ in range(2):
             ids = {
                 w.send("DECODE", agent=a, prompt=" Once upon a time", max_tokens=24): a

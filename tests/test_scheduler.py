@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from fake_worker import FakeWorker
+from fake_worker import REFUSED, FakeWorker
 
 from lmxd.engine.sampling import SamplingParams
-from lmxd.errors import Busy, PromptTooLong
+from lmxd.errors import Busy, InvalidInput
 from lmxd.kvstore import KvStore
 from lmxd.memory.estimator import Backend
 from lmxd.memory.ledger import Ledger
@@ -246,9 +246,9 @@ def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir:
     async def test(s: Scheduler, w: FakeWorker) -> None:
         for name in ("a", "b", "c"):
             await register(s, name)
-        too_long = s.submit(DecodeRequest("a", TextPrompt("y" * 600), 4))  # n_ctx is 512
-        with pytest.raises(PromptTooLong):
-            await too_long.done
+        refused = s.submit(DecodeRequest("a", TextPrompt(" y"), 4, grammar=REFUSED))
+        with pytest.raises(InvalidInput):  # after it was seated: its sequence stays, empty
+            await refused.done
         agent = s.agents["a"]
         assert agent.state == "resident" and agent.kv_tokens == 0  # a sequence, empty
         await decode(s, "b")
@@ -317,3 +317,64 @@ def test_an_agents_two_states_move_only_along_their_tables() -> None:
         agent.place(Memory.PARKED)  # only through PARKING
     agent.do(Activity.IDLE)
     assert agent.state == "resident"
+
+
+def test_kv_is_charged_by_use_and_grows_when_a_conversation_needs_more(models_dir: Path) -> None:
+    """Agents registered with n_ctx 4,096 whose turns need a few hundred cells get 256-cell
+    streams; one whose next turn needs more gets a larger stream once no agent decodes, and
+    the others' conversations come back with them."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b"):
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+        await asyncio.gather(decode(s, "a", 100), decode(s, "b", 100))
+        slot = s.agents["a"].slot
+        assert slot.stream_cells == 256 and slot.pool_cells == 512
+        charged = slot.context_reservation.bytes if slot.context_reservation else 0
+        full = s.room.context_request(slot.key, slot.info, 4096, 2).bytes
+        assert charged < full / 4  # KV 1/16, compute buffers less
+        long = await s.submit(DecodeRequest("a", TextPrompt(" more" * 100), 200)).done
+        assert long.stop_reason is StopReason.LENGTH
+        assert slot.stream_cells == 1024  # 106 + 500 + 200 cells, rounded up to a power of 2
+        again = await decode(s, "b", 4)
+        assert again.restored and again.cached_tokens > 100  # b's turn was kept meanwhile
+        opens = [e for e in w.log if e[0] == "open"]
+        assert [e[3] for e in opens] == ["256", "1024"]
+
+    run(models_dir, test)
+
+
+def test_a_job_that_needs_a_larger_stream_waits_for_the_decoding_ones(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b"):
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+        await decode(s, "b", 4)
+        running = s.submit(DecodeRequest("a", TextPrompt(" go"), 150))
+        await asyncio.sleep(0.01)
+        big = await s.submit(DecodeRequest("b", TextPrompt(" x" * 400), 10)).done
+        first = await running.done
+        assert first.stop_reason is StopReason.LENGTH and first.generated_tokens == 150
+        assert big.stop_reason is StopReason.LENGTH and big.timings_ms["queued"] > 0
+        assert s.agents["b"].slot.stream_cells >= 1024
+
+    run(models_dir, test)
+
+
+def test_many_agents_fit_where_their_full_n_ctx_would_not(models_dir: Path) -> None:
+    """64 agents at n_ctx 4,096, under a cap that holds the weights and 64 streams of 256
+    cells but not one context of 64 x 4,096: all of them decode at once."""
+    info = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    sizing = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    weights = sizing.weights_request("m", info).bytes
+    cap = weights + sizing.context_request("m", info, 256, 64).bytes + (1 << 20)
+    assert sizing.context_request("m", info, 4096, 64).bytes > 8 * (cap - weights)
+
+    async def test(s: Scheduler, w: FakeWorker) -> list[DecodeResult]:
+        names = [f"a{i}" for i in range(64)]
+        for name in names:
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+        return await asyncio.gather(*(decode(s, n, 64) for n in names))
+
+    results = run(models_dir, test, cap=cap, max_seqs=64)
+    assert all(r.stop_reason is StopReason.LENGTH and r.generated_tokens == 64 for r in results)
+    assert not any(r.parked for r in results)

@@ -214,10 +214,8 @@ for _name, _doc in (
     ("parking", "Park and restore throughput, raw and through the daemon; restore vs prefill."),
     ("throughput", "Aggregate decode tokens/s through the daemon against llama_decode alone."),
     ("busy", "The CPU path with one core kept busy by another process, against an idle machine."),
-    (
-        "forks",
-        "How often agents' greedy text changes when they decode together, and --deterministic.",
-    ),
+    ("forks", "How often an agent's greedy text changes when it decodes beside others."),
+    ("density", "Agents decoding at once under an 8 GiB limit, and 200 rotating through parking."),
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
     ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
 ):

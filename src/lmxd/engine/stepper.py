@@ -363,7 +363,7 @@ class Stepper:
                 w.end(StopReason.STOP)
                 return Piece(text, logprobs) if text or logprobs else None
         w.text.append(text)
-        limit = w.spec.limit or ctx.n_ctx_seq
+        limit = min(w.spec.limit or ctx.n_ctx_seq, ctx.n_ctx_seq)
         if w.n_tokens >= w.spec.max_tokens:
             text += w.end(StopReason.LENGTH)
         elif ctx.seq_len[w.seq] + 1 >= limit:

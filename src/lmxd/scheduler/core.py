@@ -351,10 +351,12 @@ class Scheduler:
             if first_waiting is not None and job.timings.submitted > first_waiting:
                 continue
             try:
+                if job.conversation is None:
+                    job.conversation = await self._tokenize(agent, job)
                 if not await self.room.make_resident(agent, job):
                     unseated.append(agent)
                     continue
-                await self._prepare(agent, job)
+                await self._begin(agent, job)
             except LmxdError as exc:
                 self._fail(agent, job, exc)
                 continue
@@ -365,18 +367,13 @@ class Scheduler:
             for agent in unseated:
                 self._fail(agent, agent.jobs[0], self._no_room(slot))
 
-    async def _prepare(self, agent: Agent, job: Job) -> None:
-        """Tokenize the job's conversation, keep what KV holds of it, and start its reply.
-
-        The agent's conversation continues: the longest prefix of the new conversation that
-        KV already holds is kept and only the rest is prefilled (a conversation that diverged,
-        or a reply a template renders differently from the tokens generated, loses only its
-        tail).
-        """
-        slot, seq = agent.slot, agent.seq
-        assert slot.context is not None and seq is not None
+    async def _tokenize(self, agent: Agent, job: Job) -> list[int]:
+        """The agent's conversation with the job's prompt in, as tokens (before it is seated:
+        how many KV cells the job needs decides where it goes)."""
         want = conversation(agent, job)
-        tokens = want.prefix + await self.worker.tokenize(slot.model, want.text, want.add_special)
+        tokens = want.prefix + await self.worker.tokenize(
+            agent.slot.model, want.text, want.add_special
+        )
         if not tokens:
             raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
         if len(tokens) >= agent.n_ctx:
@@ -386,6 +383,18 @@ class Scheduler:
                 tokens=len(tokens),
                 n_ctx=agent.n_ctx,
             )
+        return tokens
+
+    async def _begin(self, agent: Agent, job: Job) -> None:
+        """Keep what KV holds of the job's conversation, and start its reply.
+
+        The agent's conversation continues: the longest prefix of the new conversation that
+        KV already holds is kept and only the rest is prefilled (a conversation that diverged,
+        or a reply a template renders differently from the tokens generated, loses only its
+        tail).
+        """
+        slot, seq, tokens = agent.slot, agent.seq, job.conversation
+        assert slot.context is not None and seq is not None and tokens is not None
         # At least one token to decode: its logits start the reply.
         keep = min(common_prefix(agent.tokens[: agent.kv], tokens), len(tokens) - 1)
         request = job.request

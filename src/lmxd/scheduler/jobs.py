@@ -101,7 +101,8 @@ class Job:
     events: asyncio.Queue[Piece | None] | None  # streamed pieces, then None; unbounded, but
     # the scheduler stops stepping the job while STREAM_BUFFER pieces wait unread
     stops: tuple[str, ...] = ()
-    started: bool = False  # its reply is on the stepper (prompt tokenized, prefill begun)
+    conversation: list[int] | None = None  # the agent's conversation with this prompt in
+    started: bool = False  # its reply is on the stepper (prefill begun)
     prompt_tokens: int = 0  # tokens this job adds to the conversation's KV
     cached_tokens: int = 0  # tokens of the conversation found in KV already
     text: str | None = None  # the conversation's text once rendered (None: raw text prompts)
@@ -113,6 +114,12 @@ class Job:
     cancelled: bool = False
     stalled_since: float | None = None  # when its stream buffer filled up, if it is full
     timings: DecodeTimings = field(default_factory=DecodeTimings)
+
+    def need(self, n_ctx: int) -> int:
+        """KV cells this job may fill: its conversation and its longest reply, at most the
+        agent's ``n_ctx``. Known once the conversation is tokenized."""
+        assert self.conversation is not None
+        return min(n_ctx, len(self.conversation) + self.request.max_tokens)
 
     @property
     def stream_full(self) -> bool:

@@ -1,11 +1,18 @@
 """Making room: contexts opened under the ledger, idle agents parked, parked agents restored.
 
 Every way of getting memory for an agent is here, in the order the scheduler tries them:
-a free sequence of its model's context (each sequence has a KV stream of its own, as large as
-the largest n_ctx among the model's agents); else park that model's least recently used idle
+a free sequence of its model's context; else park that model's least recently used idle
 agent (its state goes to host RAM and its cells are freed); for a context that does not exist
 yet, reserve it in the ledger, closing other models' contexts whose agents are all idle (least
 recently used first) until it fits. Each park is one structured log line.
+
+KV by use, not by promise: each sequence has a KV stream of its own, sized for what the
+model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx),
+rounded up to a power of two; the ledger charges that. 96 agents at n_ctx 4,096 would need
+about 12 GiB of KV for the Llama-3.2-1B shape if each were charged its n_ctx; turns of 128
+tokens need 256-cell streams, 1/16 of it. A job that needs more than the stream waits until
+no agent of the model is decoding, and the context is reopened larger (the others parked and
+restored as they come back); an agent that reaches its n_ctx still gets it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from lmxd.engine.context import ContextParams
+from lmxd.engine.context import KV_PAD, ContextParams
 from lmxd.engine.worker import Worker
 from lmxd.errors import LmxdError, ParkBudgetExceeded
 from lmxd.kvstore import KvStore
@@ -109,8 +116,8 @@ class Residency:
         Raises the ledger's denial when nothing will ever make room.
         """
         n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
-        stream = max(a.n_ctx for a in slot.agents.values())
-        shapes = [(stream, n_seq), (agent.n_ctx, 1)]
+        need = job.need(agent.n_ctx)
+        shapes = [(self._stream(slot, need), n_seq), (need, 1)]
         denial: Denial | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
             request = self.context_request(slot.key, slot.info, n_ctx, seqs)
@@ -236,12 +243,27 @@ class Residency:
         if agent.memory is not Memory.NONE:
             agent.place(Memory.NONE)
 
-    def _outgrown(self, slot: ModelSlot, agent: Agent) -> bool:
-        """The context is too small for ``agent`` (its stream is shorter than the agent's
-        n_ctx), or has fewer sequences than agents and none free."""
+    @staticmethod
+    def _stream(slot: ModelSlot, need: int) -> int:
+        """Cells per stream for a context opened now: what the neediest agent needs (``need``
+        for the job at hand, others' tokenized jobs, the KV of the rest), rounded up to a
+        power of two so that growing conversations reopen the context rarely; at most the
+        largest n_ctx among the model's agents."""
+        for a in slot.agents.values():
+            job = a.jobs[0] if a.jobs else None
+            held = job.need(a.n_ctx) if job is not None and job.conversation else a.kv_tokens
+            need = max(need, held)
+        stream = KV_PAD
+        while stream < need:
+            stream *= 2
+        return min(stream, max(a.n_ctx for a in slot.agents.values()))
+
+    def _outgrown(self, slot: ModelSlot, need: int) -> bool:
+        """The context's streams are shorter than ``need``, or it has fewer sequences than
+        agents and none free."""
         wanted = min(len(slot.agents), self.config.max_seqs)
         short = len(slot.seqs) < wanted and slot.free_seq() is None
-        return short or slot.stream_cells < agent.n_ctx
+        return short or slot.stream_cells < need
 
     @staticmethod
     def _victim(slot: ModelSlot, job: Job) -> Agent | None:
@@ -266,15 +288,19 @@ class Residency:
         return all(a.activity is not Activity.RUNNING for a in slot.agents.values())
 
     async def make_resident(self, agent: Agent, job: Job) -> bool:
-        """Give ``agent`` a sequence, restoring its parked state. False: wait and try again."""
+        """Give ``agent`` a sequence with room for ``job``, restoring its parked state.
+        False: wait and try again."""
         slot = agent.slot
-        if agent.seq is not None:
+        need = job.need(agent.n_ctx)
+        if agent.seq is not None and slot.stream_cells >= need:
             return True
-        if slot.context is not None and self._outgrown(slot, agent):
+        if slot.context is not None and self._outgrown(slot, need):
             if self._none_busy(slot):
                 await self.close_context(slot, job)  # reopened below, with room for every agent
-            elif slot.stream_cells < agent.n_ctx:
-                return False  # the agent waits until the context can be reopened larger
+            elif slot.stream_cells < need:
+                return False  # the job waits until the context can be reopened larger
+        if agent.seq is not None:
+            return True
         if slot.context is None and not await self.open_context(slot, agent, job):
             return False
         seq = slot.free_seq()
