@@ -16,7 +16,7 @@ from pathlib import Path
 from lmxd.engine.context import ContextParams, StateLayout
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl
 from lmxd.engine.worker import ContextHandle, ModelHandle
-from lmxd.errors import InvalidInput
+from lmxd.errors import EngineError, InvalidInput
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.modelfile import ModelInfo, read_model_info
 from lmxd.results import Piece, StopReason
@@ -60,6 +60,7 @@ class FakeWorker:
     def __init__(self, step_s: float = 0.001) -> None:
         self.step_s = step_s
         self.log: list[tuple[str, ...]] = []
+        self.fail_parks = False  # every park raises, as a failed copy would
 
     async def load(self, path: Path) -> ModelHandle:
         self.log.append(("load", path.stem))
@@ -145,6 +146,8 @@ class FakeWorker:
 
     async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
         fake = _fake(ctx)
+        if self.fail_parks:
+            raise EngineError("the fake engine's park failed")
         n_tokens = fake.seq_len[seq]
         size = 8 + STATE_BYTES_PER_TOKEN * n_tokens
         buffer = store.allocate(size)
@@ -156,6 +159,8 @@ class FakeWorker:
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
         fake = _fake(ctx)
+        if state.n_tokens > fake.n_ctx_seq:  # as llama.cpp: no room in the stream
+            raise EngineError(f"{state.n_tokens} cells do not fit a {fake.n_ctx_seq}-cell stream")
         fake.seq_len[seq] = state.n_tokens
         self.log.append(("restore", fake.name, str(seq), str(state.n_tokens)))
 

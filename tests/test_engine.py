@@ -227,6 +227,18 @@ def test_greedy_argmax_and_the_host_chain_agree(smol: Model) -> None:
     assert len(chain.logprobs) == chain.n_tokens and not argmax.logprobs
 
 
+def test_a_seeded_draw_on_the_device_is_the_same_in_a_context_of_one_or_of_four(
+    smol: Model,
+) -> None:
+    """Each step draws a fresh random number whatever the context's shape (with more than one
+    output allowed per sequence, llama.cpp replayed one number until a token was accepted)."""
+    tokens = on_engine(lambda: chat_tokens(smol, "Tell me a story."))
+    hot = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)
+    alone = with_context(smol, lambda st: generate(st, 0, tokens, 24, hot).text, n_seq=1)
+    of_four = with_context(smol, lambda st: generate(st, 2, tokens, 24, hot).text, n_seq=4)
+    assert alone == of_four and len(set(alone.split())) > 3
+
+
 def test_device_chains_follow_the_settings_of_each_reply(smol: Model) -> None:
     """A sequence keeps its device chain while the settings stay, and gets another when they
     change: a seeded reply repeats itself on the same sequence, greedy comes back after."""

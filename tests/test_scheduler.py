@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -74,8 +75,8 @@ def run(
     return asyncio.run(main())
 
 
-async def register(s: Scheduler, agent: str, model: str = "smollm2-135m") -> None:
-    await s.register(agent, model, 512, SamplingParams(), None)
+async def register(s: Scheduler, agent: str, model: str = "smollm2-135m", n_ctx: int = 512) -> None:
+    await s.register(agent, model, n_ctx, SamplingParams(), None)
 
 
 async def decode(s: Scheduler, agent: str, max_tokens: int = 8) -> DecodeResult:
@@ -155,8 +156,8 @@ def test_a_busy_model_does_not_starve_another_that_waits_for_memory(models_dir: 
 
     async def test(s: Scheduler, w: FakeWorker) -> int:
         for name in ("a", "b"):
-            await register(s, name)
-        await register(s, "g", "gemma3-270m")
+            await register(s, name, n_ctx=256)
+        await register(s, "g", "gemma3-270m", n_ctx=256)
         stop, turns = asyncio.Event(), []
         clients = [asyncio.create_task(busy_client(s, n, stop, turns)) for n in ("a", "b")]
         await asyncio.sleep(0.01)
@@ -167,7 +168,7 @@ def test_a_busy_model_does_not_starve_another_that_waits_for_memory(models_dir: 
         assert result.stop_reason is StopReason.LENGTH
         return served_after
 
-    room = _room_for_one_context(smol, gemma)
+    room = _room_for_one_context((smol, 2), (gemma, 1))
     served_after = run(models_dir, test, cap=room, max_seqs=2)
     assert served_after <= 4  # the turns a and b had in flight, then g's
 
@@ -259,11 +260,12 @@ def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir:
     run(models_dir, test)
 
 
-def _room_for_one_context(*infos: ModelInfo) -> int:
-    """Both models' weights and the larger of their contexts, as the residency sizes them."""
+def _room_for_one_context(*models: tuple[ModelInfo, int]) -> int:
+    """The models' weights and the larger of their contexts (``n_seq`` streams of 256 cells,
+    what agents of n_ctx 256 get), as the residency sizes them, but not both contexts."""
     room = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
-    weights = sum(room.weights_request(i.path.stem, i).bytes for i in infos)
-    contexts = [room.context_request("m", i, 512, 2).bytes for i in infos]
+    weights = sum(room.weights_request(i.path.stem, i).bytes for i, _ in models)
+    contexts = [room.context_request("m", i, 256, n_seq).bytes for i, n_seq in models]
     return weights + max(contexts) + min(contexts) // 2
 
 
@@ -378,3 +380,98 @@ def test_many_agents_fit_where_their_full_n_ctx_would_not(models_dir: Path) -> N
     results = run(models_dir, test, cap=cap, max_seqs=64)
     assert all(r.stop_reason is StopReason.LENGTH and r.generated_tokens == 64 for r in results)
     assert not any(r.parked for r in results)
+
+
+def test_a_job_waiting_for_larger_streams_is_not_overtaken_by_busy_agents(
+    models_dir: Path,
+) -> None:
+    """Two agents resubmit the moment their replies end; a third's job needs the streams to
+    grow, which can only happen while none decodes: the ones after it wait, and it is served."""
+
+    async def busy_client(s: Scheduler, agent: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await decode(s, agent, max_tokens=30)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+        await asyncio.gather(*(decode(s, n, 4) for n in ("a", "b", "c")))
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(busy_client(s, n, stop)) for n in ("a", "b")]
+        await asyncio.sleep(0.01)
+        big = await s.submit(DecodeRequest("c", TextPrompt(" x" * 600), 10)).done
+        stop.set()
+        await asyncio.gather(*clients)
+        assert big.stop_reason is StopReason.LENGTH
+
+    run(models_dir, test, max_seqs=3)
+
+
+def test_a_job_of_another_model_waits_for_an_earlier_one_instead_of_failing(
+    models_dir: Path,
+) -> None:
+    """Room for one context. Model A's context is open and idle; A's job comes first, B's
+    right after: B's job waits for A's turn to end, then runs; neither fails."""
+    smol = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gemma = read_model_info(models_dir / "gemma-3-270m-q4_k_m.gguf")
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", n_ctx=256)
+        await register(s, "g", "gemma3-270m", n_ctx=256)
+        await decode(s, "a")
+        first = s.submit(DecodeRequest("a", TextPrompt(" more"), 8))
+        second = s.submit(DecodeRequest("g", TextPrompt(" hi"), 8))
+        results = await asyncio.gather(first.done, second.done)
+        assert all(r.stop_reason is StopReason.LENGTH for r in results)
+
+    for _ in range(5):  # whichever model's turn comes first
+        run(models_dir, test, cap=_room_for_one_context((smol, 1), (gemma, 1)))
+
+
+def test_a_parked_agent_comes_back_whole_when_its_conversation_is_sent_again_shorter(
+    models_dir: Path,
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b"):
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+        await s.submit(DecodeRequest("a", TextPrompt(" x" * 400), 100)).done  # 900 in KV
+        await s.submit(DecodeRequest("b", TextPrompt(" y" * 400), 100)).done  # a parked
+        assert s.agents["a"].state == "parked"
+        short = await s.submit(DecodeRequest("a", TextPrompt(" z"), 4)).done
+        assert short.restored and short.stop_reason is StopReason.LENGTH
+
+    run(models_dir, test, max_seqs=1)
+
+
+def test_the_loop_waits_instead_of_spinning_when_no_model_can_move(models_dir: Path) -> None:
+    """A stream nobody reads holds one model's only running agent; another model waits for
+    memory: the scheduler sleeps until something happens."""
+    smol = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gemma = read_model_info(models_dir / "gemma-3-270m-q4_k_m.gguf")
+
+    async def test(s: Scheduler, w: FakeWorker) -> float:
+        await register(s, "a", n_ctx=256)
+        await register(s, "g", "gemma3-270m", n_ctx=256)
+        unread = s.submit(DecodeRequest("a", TextPrompt(" go"), 10_000, stream=True))
+        await asyncio.sleep(0.5)  # its stream fills up: a sits out
+        waiting = s.submit(DecodeRequest("g", TextPrompt(" hi"), 4))
+        await asyncio.sleep(0.05)
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        spent = time.process_time() - cpu
+        s.cancel(unread)
+        await unread.done
+        assert (await waiting.done).stop_reason is StopReason.LENGTH
+        return spent
+
+    assert run(models_dir, test, cap=_room_for_one_context((smol, 1), (gemma, 1))) < 0.1
+
+
+def test_replies_held_for_forced_parks_go_out_when_a_park_fails(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        w.fail_parks = True
+        result = await asyncio.wait_for(decode(s, "a"), 5)
+        assert result.stop_reason is StopReason.LENGTH
+
+    run(models_dir, test, park_after_decode=True)

@@ -134,6 +134,10 @@ class Context:
         # sizes its output and compute buffers for n_batch logit rows (96 MiB for SmolLM2 at
         # n_batch 512), so we ask for one row per sequence.
         cp.n_outputs_max = params.n_seq_max
+        # One output per sequence per step, said so: with more allowed, llama.cpp's device
+        # draw turns "transactional" and replays one random number until a token is
+        # accepted, so every token of a reply would come from the same quantile.
+        cp.n_outputs_max_per_seq = 1
         cp.kv_unified = False  # one KV stream per sequence: see the module's docstring
         cp.swa_full = False  # sliding-window layers keep only their window
         cp.type_k = _KV_TYPES[params.type_k]
@@ -229,7 +233,10 @@ class Context:
 
     def sampled_token(self, row: int) -> int:
         """The token a device chain picked for ``row`` of the last decode."""
-        return int(llama_cpp.llama_get_sampled_token_ith(self.ptr, row))
+        token = int(llama_cpp.llama_get_sampled_token_ith(self.ptr, row))
+        if token < 0:  # LLAMA_TOKEN_NULL: part of the chain did not run on the device
+            raise EngineError(f"llama.cpp's device sampler gave no token for row {row}")
+        return token
 
     def use_device_chain(self, seq: int, params: SamplingParams) -> None:
         """Sample ``seq`` on the device from now on. Attaching a chain makes llama.cpp

@@ -89,6 +89,7 @@ class Reply:
     n_tokens: int  # tokens generated and kept (an end-of-generation token is not)
     logprobs: list[TokenLogprob]
     stop_reason: StopReason
+    unsent: str = ""  # the end of ``text`` no piece carried (a reply cancelled mid-character)
 
 
 @dataclass
@@ -197,9 +198,9 @@ class Stepper:
         work = self._work.pop(seq, None)
         if work is None:
             return None
-        if work.stop_reason is None:
-            work.end(StopReason.CANCELLED)
-        return work.reply()
+        unsent = work.end(StopReason.CANCELLED) if work.stop_reason is None else ""
+        text, spelled = "".join(work.text), "".join(work.spelled)
+        return Reply(text, spelled, work.n_tokens, work.logprobs, StopReason.CANCELLED, unsent)
 
     def drop(self, seq: int) -> None:
         """Forget ``seq``'s reply, if any (its job failed, or its agent left)."""

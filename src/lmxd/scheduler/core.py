@@ -68,10 +68,16 @@ class Scheduler:
         self.config = config
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
-        self.models = Models(
-            worker, room, config.models_dir, config.allowed_dirs, config.keep_alive_s, self._lock
-        )
         self._wake = asyncio.Event()
+        self.models = Models(
+            worker,
+            room,
+            config.models_dir,
+            config.allowed_dirs,
+            config.keep_alive_s,
+            self._lock,
+            self._wake.set,
+        )
         self._turn = 0  # round-robin position over models
         # Replies wait here until the step's bookkeeping (forced parks included) is done, so a
         # client that asks right after its reply sees the agent where the reply left it.
@@ -187,6 +193,7 @@ class Scheduler:
             await self.room.drop(agent)
             agent.tokens, agent.history, agent.text = [], [], None
             await self.room.close_if_unused(agent.slot)
+            self._wake.set()  # what it held may be what another job waits for
 
     async def unregister(self, agent_id: str) -> None:
         async with self._lock:
@@ -215,10 +222,14 @@ class Scheduler:
         await self.room.drop(agent)
         handle = slot.weights.pop(agent.id)
         if not slot.agents:
+            slot.to_park.clear()
+            self._release_held(slot)
+            self._send_replies()
             await self.models.keep_alive(slot)  # holds the weights before this agent lets go
         self.ledger.release(handle)
         if self.room.slots.get(str(slot.path)) is slot:
             await self.room.close_if_unused(slot)
+        self._wake.set()  # what it held may be what another job waits for
         log.info("unregister agent=%s model=%s", agent.id, slot.key)
 
     async def shutdown(self) -> None:
@@ -245,17 +256,24 @@ class Scheduler:
             # too, so that they share the first batch instead of waiting for its prefill.
             for _ in range(_GATHER_YIELDS):
                 await asyncio.sleep(0)
+            still = 0  # turns in a row in which no model could do anything
             while (slot := self._next_slot()) is not None:
                 async with self._lock:
                     try:
-                        await self._run_slice(slot)
+                        moved = await self._run_slice(slot)
                     except Exception as exc:  # a bug must not take the daemon down with it
                         log.exception("scheduler error on model %s", slot.key)
                         for agent in list(slot.agents.values()):
                             for job in list(agent.jobs):
                                 self._fail(agent, job, LmxdError(f"internal error: {exc!r}"))
+                        moved = True
                     finally:
                         self._send_replies()
+                # Every model waits (for a stream to be read, for room): nothing moves until
+                # something happens, and whatever happens sets _wake. Wait for it, not spin.
+                still = 0 if moved else still + 1
+                if still > len(self.room.slots):
+                    break
                 await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
 
     def _next_slot(self) -> ModelSlot | None:
@@ -265,9 +283,9 @@ class Scheduler:
         self._turn += 1
         return busy[self._turn % len(busy)]
 
-    async def _run_slice(self, slot: ModelSlot) -> None:
+    async def _run_slice(self, slot: ModelSlot) -> bool:
         """One turn of ``slot``: a park it owes; or admit its queued jobs, then up to
-        slice_steps steps.
+        slice_steps steps. False if nothing could be done.
 
         Copies of sequence state get turns of their own when other models have work: a
         16,000-token agent of a 1B model takes 11-13 ms to restore and as long to park, and
@@ -276,34 +294,45 @@ class Scheduler:
         """
         if slot.to_park:
             agent = slot.to_park.pop(0)
-            if (
-                agent.idle
-                and agent.memory is Memory.RESIDENT
-                and slot.agents.get(agent.id) is agent
-            ):
-                await self.room.park(agent)
-            if not slot.to_park:
-                await self.room.close_if_unused(slot)
-                self._replies += slot.held
-                slot.held.clear()
-            return
+            try:
+                if (
+                    agent.idle
+                    and agent.memory is Memory.RESIDENT
+                    and slot.agents.get(agent.id) is agent
+                ):
+                    await self.room.park(agent)
+                if not slot.to_park:
+                    await self.room.close_if_unused(slot)
+            finally:
+                if not slot.to_park:
+                    self._release_held(slot)
+            return True
         transfers = self.room.transfers
         copies = transfers.parks + transfers.restores
-        await self._admit(slot)
+        moved = await self._admit(slot)
         copied = transfers.parks + transfers.restores != copies
         if copied and any(s.has_work for s in self.room.slots.values() if s is not slot):
-            return
+            return True
         active = [a for a in slot.agents.values() if a.activity is Activity.RUNNING]
         for agent in [a for a in active if a.jobs[0].cancelled]:
             job = agent.jobs[0]
             assert slot.context is not None and agent.seq is not None
             job.reply = await self.worker.cancel(slot.context, agent.seq)
+            if job.reply is not None and job.reply.unsent and job.events is not None:
+                job.events.put_nowait(Piece(job.reply.unsent))
             self._finish(agent, job, StopReason.CANCELLED)
             active.remove(agent)
+            moved = True
         active = [a for a in active if not self._stalled(a.jobs[0])]
         if active:
             await self._step(slot, active)
         self._send_replies()
+        return moved or bool(active)
+
+    def _release_held(self, slot: ModelSlot) -> None:
+        """Replies held for forced parks go out (the parks are done, or cannot be)."""
+        self._replies += slot.held
+        slot.held.clear()
 
     def _stalled(self, job: Job) -> bool:
         """True while ``job``'s stream buffer is full: its client is not reading, so its agent
@@ -329,13 +358,17 @@ class Scheduler:
             )
             self.cancel(job)
 
-    async def _admit(self, slot: ModelSlot) -> None:
-        """Start the queued jobs of ``slot`` whose agents can be made resident now.
+    async def _admit(self, slot: ModelSlot) -> bool:
+        """Start the queued jobs of ``slot`` whose agents can be made resident now, first
+        come first served; True if any job started, ended or failed.
 
-        An agent that cannot be seated waits for one that is decoding to finish; if nothing
-        is decoding anywhere, waiting would be forever (say, the park budget is spent), so its
-        job fails with the reason instead.
+        An agent that cannot be seated waits for one that is decoding to finish, or for
+        another model's queued job to go first; if neither exists, waiting would be forever
+        (say, the park budget is spent), so its job fails with the reason instead. A job
+        that needs the model's streams to grow stops the jobs after it: the context can be
+        reopened larger only once none of the model's agents is decoding.
         """
+        moved = False
         queued = [a for a in slot.agents.values() if a.activity is Activity.QUEUED]
         unseated: list[Agent] = []
         # Aging: while another model's job waits for a context (memory this model's context
@@ -347,6 +380,7 @@ class Scheduler:
             job = agent.jobs[0]
             if job.cancelled:
                 self._finish(agent, job, StopReason.CANCELLED)
+                moved = True
                 continue
             if first_waiting is not None and job.timings.submitted > first_waiting:
                 continue
@@ -355,17 +389,30 @@ class Scheduler:
                     job.conversation = await self._tokenize(agent, job)
                 if not await self.room.make_resident(agent, job):
                     unseated.append(agent)
+                    if slot.stream_cells and slot.stream_cells < self.room.need(agent, job):
+                        break  # it waits for the streams to grow: so do the jobs after it
                     continue
                 await self._begin(agent, job)
             except LmxdError as exc:
                 self._fail(agent, job, exc)
+                moved = True
                 continue
             agent.do(Activity.RUNNING)
             job.timings.admitted = time.perf_counter()
             slot.last_used = time.monotonic()
-        if unseated and not any(a.activity is Activity.RUNNING for a in self.agents.values()):
+            moved = True
+        running = any(a.activity is Activity.RUNNING for a in self.agents.values())
+        others = any(
+            a.activity is Activity.QUEUED
+            for s in self.room.slots.values()
+            if s is not slot
+            for a in s.agents.values()
+        )
+        if unseated and not running and not others:
             for agent in unseated:
                 self._fail(agent, agent.jobs[0], self._no_room(slot))
+            moved = True
+        return moved
 
     async def _tokenize(self, agent: Agent, job: Job) -> list[int]:
         """The agent's conversation with the job's prompt in, as tokens (before it is seated:

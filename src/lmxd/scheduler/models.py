@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from lmxd import catalog
@@ -35,6 +36,7 @@ class Models:
         allowed_dirs: tuple[Path, ...],
         keep_alive_s: float,
         lock: asyncio.Lock,  # the scheduler's: an expired keep-alive unloads under it
+        freed: Callable[[], None],  # wakes the scheduler: a job may wait for this memory
     ) -> None:
         self.worker = worker
         self.room = room
@@ -43,6 +45,7 @@ class Models:
         self.allowed_dirs = allowed_dirs
         self.keep_alive_s = keep_alive_s
         self._lock = lock
+        self._freed = freed
 
     def resolve(self, model: str) -> Path:
         """The file a model name or path stands for, inside the allowed directories once
@@ -103,6 +106,7 @@ class Models:
         async with self._lock:
             if not slot.agents and self.room.slots.get(str(slot.path)) is slot:
                 await self.unload(slot)
+                self._freed()
 
     async def unload(self, slot: ModelSlot) -> None:
         if slot.unload_timer is not None:

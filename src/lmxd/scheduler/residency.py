@@ -116,7 +116,7 @@ class Residency:
         Raises the ledger's denial when nothing will ever make room.
         """
         n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
-        need = job.need(agent.n_ctx)
+        need = self.need(agent, job)
         shapes = [(self._stream(slot, need), n_seq), (need, 1)]
         denial: Denial | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
@@ -198,6 +198,7 @@ class Residency:
         slot, ctx, seq = agent.slot, agent.slot.context, agent.seq
         assert ctx is not None and seq is not None
         if agent.kv == 0:
+            await self.worker.clear(ctx, seq)  # after a failed step it may hold a chunk
             slot.seqs[seq], agent.seq = None, None
             agent.place(Memory.NONE)
             return True
@@ -242,6 +243,13 @@ class Residency:
         agent.seq, agent.parked, agent.kv = None, None, 0
         if agent.memory is not Memory.NONE:
             agent.place(Memory.NONE)
+
+    @staticmethod
+    def need(agent: Agent, job: Job) -> int:
+        """KV cells ``agent`` needs for ``job``: its conversation and longest reply, and at
+        least what its KV holds now (a conversation sent again shorter still comes back
+        whole before it is cut)."""
+        return max(job.need(agent.n_ctx), agent.kv_tokens)
 
     @staticmethod
     def _stream(slot: ModelSlot, need: int) -> int:
@@ -291,7 +299,7 @@ class Residency:
         """Give ``agent`` a sequence with room for ``job``, restoring its parked state.
         False: wait and try again."""
         slot = agent.slot
-        need = job.need(agent.n_ctx)
+        need = self.need(agent, job)
         if agent.seq is not None and slot.stream_cells >= need:
             return True
         if slot.context is not None and self._outgrown(slot, need):
