@@ -66,10 +66,9 @@ _serial = itertools.count()
 def fresh() -> dict[str, Any]:
     """Request options that give the request an agent of its own, with nothing in KV. Greedy
     replies compare exactly only between requests computed alike: llama.cpp's kernels round
-    differently for batches and KV pools of different sizes, which can flip a near-tied token
-    (seen: the same request on fresh agents gave two different tool arguments as the model's
-    context grew from one sequence to three). So these run on :func:`exact_daemon`, each on a
-    fresh agent."""
+    differently for batches of different sizes (and, before each sequence had a KV stream of
+    its own, for KV pools of different sizes), which can flip a near-tied token. So these run
+    on :func:`exact_daemon`, one request at a time, each on a fresh agent."""
     return {"extra_headers": {"X-Lmxd-Agent": f"fresh-{next(_serial)}"}}
 
 
