@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmxd.chat.messages import ChatMessage
 from lmxd.engine.sampling import SamplingParams
-from lmxd.engine.stepper import ReplySpec, SeqReport, SliceControl
+from lmxd.engine.stepper import SeqReport, SliceControl
 from lmxd.engine.worker import Worker
 from lmxd.errors import (
     AgentExists,
@@ -31,19 +30,19 @@ from lmxd.errors import (
     InvalidInput,
     LmxdError,
     ParkBudgetExceeded,
-    PromptTooLong,
     UnknownAgent,
 )
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
-from lmxd.results import DecodeResult, Piece, StopReason
+from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
+from lmxd.scheduler.endings import Endings
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import ModelSlot
-from lmxd.scheduler.steps import common_prefix, conversation
+from lmxd.scheduler.steps import begin, tokenize
 
 log = logging.getLogger("lmxd.scheduler")
 _GATHER_YIELDS = 4  # loop turns; each costs microseconds
@@ -79,9 +78,7 @@ class Scheduler:
             self._wake.set,
         )
         self._turn = 0  # round-robin position over models
-        # Replies wait here until the step's bookkeeping (forced parks included) is done, so a
-        # client that asks right after its reply sees the agent where the reply left it.
-        self._replies: list[tuple[Job, DecodeResult]] = []
+        self.endings = Endings(worker, self._wake.set)
 
     # -- operations (called by the service) --------------------------------------------------
 
@@ -223,8 +220,8 @@ class Scheduler:
         handle = slot.weights.pop(agent.id)
         if not slot.agents:
             slot.to_park.clear()
-            self._release_held(slot)
-            self._send_replies()
+            self.endings.release_held(slot)
+            self.endings.send()
             await self.models.keep_alive(slot)  # holds the weights before this agent lets go
         self.ledger.release(handle)
         if self.room.slots.get(str(slot.path)) is slot:
@@ -240,10 +237,9 @@ class Scheduler:
                     job.fail(Cancelled("the daemon is shutting down"))
                 agent.jobs.clear()
             for slot in list(self.room.slots.values()):
-                self._replies += slot.held  # ended before their forced parks
-                slot.held.clear()
+                self.endings.release_held(slot)  # ended before their forced parks
                 await self.models.unload(slot)
-            self._send_replies()
+            self.endings.send()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -265,10 +261,10 @@ class Scheduler:
                         log.exception("scheduler error on model %s", slot.key)
                         for agent in list(slot.agents.values()):
                             for job in list(agent.jobs):
-                                self._fail(agent, job, LmxdError(f"internal error: {exc!r}"))
+                                self.endings.fail(agent, job, LmxdError(f"internal error: {exc!r}"))
                         moved = True
                     finally:
-                        self._send_replies()
+                        self.endings.send()
                 # Every model waits (for a stream to be read, for room): nothing moves until
                 # something happens, and whatever happens sets _wake. Wait for it, not spin.
                 still = 0 if moved else still + 1
@@ -305,7 +301,7 @@ class Scheduler:
                     await self.room.close_if_unused(slot)
             finally:
                 if not slot.to_park:
-                    self._release_held(slot)
+                    self.endings.release_held(slot)
             return True
         transfers = self.room.transfers
         copies = transfers.parks + transfers.restores
@@ -320,19 +316,14 @@ class Scheduler:
             job.reply = await self.worker.cancel(slot.context, agent.seq)
             if job.reply is not None and job.reply.unsent and job.events is not None:
                 job.events.put_nowait(Piece(job.reply.unsent))
-            self._finish(agent, job, StopReason.CANCELLED)
+            self.endings.finish(agent, job, StopReason.CANCELLED)
             active.remove(agent)
             moved = True
         active = [a for a in active if not self._stalled(a.jobs[0])]
         if active:
             await self._step(slot, active)
-        self._send_replies()
+        self.endings.send()
         return moved or bool(active)
-
-    def _release_held(self, slot: ModelSlot) -> None:
-        """Replies held for forced parks go out (the parks are done, or cannot be)."""
-        self._replies += slot.held
-        slot.held.clear()
 
     def _stalled(self, job: Job) -> bool:
         """True while ``job``'s stream buffer is full: its client is not reading, so its agent
@@ -379,22 +370,22 @@ class Scheduler:
         for agent in sorted(queued, key=lambda a: a.jobs[0].timings.submitted):
             job = agent.jobs[0]
             if job.cancelled:
-                self._finish(agent, job, StopReason.CANCELLED)
+                self.endings.finish(agent, job, StopReason.CANCELLED)
                 moved = True
                 continue
             if first_waiting is not None and job.timings.submitted > first_waiting:
                 continue
             try:
                 if job.conversation is None:
-                    job.conversation = await self._tokenize(agent, job)
+                    job.conversation = await tokenize(self.worker, agent, job)
                 if not await self.room.make_resident(agent, job):
                     unseated.append(agent)
                     if slot.stream_cells and slot.stream_cells < self.room.need(agent, job):
                         break  # it waits for the streams to grow: so do the jobs after it
                     continue
-                await self._begin(agent, job)
+                await begin(self.worker, agent, job)
             except LmxdError as exc:
-                self._fail(agent, job, exc)
+                self.endings.fail(agent, job, exc)
                 moved = True
                 continue
             agent.do(Activity.RUNNING)
@@ -410,56 +401,9 @@ class Scheduler:
         )
         if unseated and not running and not others:
             for agent in unseated:
-                self._fail(agent, agent.jobs[0], self._no_room(slot))
+                self.endings.fail(agent, agent.jobs[0], self._no_room(slot))
             moved = True
         return moved
-
-    async def _tokenize(self, agent: Agent, job: Job) -> list[int]:
-        """The agent's conversation with the job's prompt in, as tokens (before it is seated:
-        how many KV cells the job needs decides where it goes)."""
-        want = conversation(agent, job)
-        tokens = want.prefix + await self.worker.tokenize(
-            agent.slot.model, want.text, want.add_special
-        )
-        if not tokens:
-            raise InvalidInput("the prompt is empty and the conversation has nothing to continue")
-        if len(tokens) >= agent.n_ctx:
-            raise PromptTooLong(
-                f"the conversation would be {len(tokens)} tokens; agent {agent.id!r} has n_ctx "
-                f"{agent.n_ctx} (RESET it, or register it with a larger n_ctx)",
-                tokens=len(tokens),
-                n_ctx=agent.n_ctx,
-            )
-        return tokens
-
-    async def _begin(self, agent: Agent, job: Job) -> None:
-        """Keep what KV holds of the job's conversation, and start its reply.
-
-        The agent's conversation continues: the longest prefix of the new conversation that
-        KV already holds is kept and only the rest is prefilled (a conversation that diverged,
-        or a reply a template renders differently from the tokens generated, loses only its
-        tail).
-        """
-        slot, seq, tokens = agent.slot, agent.seq, job.conversation
-        assert slot.context is not None and seq is not None and tokens is not None
-        # At least one token to decode: its logits start the reply.
-        keep = min(common_prefix(agent.tokens[: agent.kv], tokens), len(tokens) - 1)
-        request = job.request
-        spec = ReplySpec(
-            max_tokens=request.max_tokens,
-            sampling=job.sampling,
-            stops=job.stops,
-            limit=agent.n_ctx,
-            history=tuple(tokens) if job.sampling.penalised else (),
-            grammar=request.grammar,
-            top_logprobs=request.top_logprobs,
-            stream=job.events is not None,
-        )
-        kept = await self.worker.begin(slot.context, seq, tokens, keep, spec)
-        agent.tokens, agent.kv = tokens, kept
-        job.started = True
-        job.prompt_tokens = len(tokens) - kept
-        job.cached_tokens = kept
 
     async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
         """One slice of steps for ``active`` on the engine thread, then its outcome applied."""
@@ -486,7 +430,7 @@ class Scheduler:
             )
         except LmxdError as exc:
             for agent in active:
-                self._fail(agent, agent.jobs[0], exc)
+                self.endings.fail(agent, agent.jobs[0], exc)
             return
         finally:
             slot.control = None
@@ -498,8 +442,7 @@ class Scheduler:
             # right after its reply finds its agent parked.
             slot.to_park += [a for a in slot.idle_residents() if a not in slot.to_park]
             if slot.to_park:
-                slot.held += [r for r in self._replies if r[0].agent.slot is slot]
-                self._replies = [r for r in self._replies if r[0].agent.slot is not slot]
+                self.endings.hold(slot)
 
     def _apply(self, agent: Agent, report: SeqReport) -> None:
         """What a slice did to one agent: its conversation grew; its reply may have ended."""
@@ -510,77 +453,9 @@ class Scheduler:
         job.timings.decode += report.decode_s
         if report.reply is not None:
             job.reply = report.reply
-            self._finish(agent, job, report.reply.stop_reason)
+            self.endings.finish(agent, job, report.reply.stop_reason)
         else:
             self._stalled(job)  # a full stream starts its timeout now
-
-    # -- endings -----------------------------------------------------------------------------
-
-    def _finish(self, agent: Agent, job: Job, reason: StopReason | None) -> None:
-        reply = job.reply
-        text = reply.text if reply is not None else ""
-        if job.timings.admitted is not None:  # prepared: its prompt is the conversation now
-            self._remember(agent, job)
-        timings = job.timings.as_ms()
-        generated = reply.n_tokens if reply is not None else 0
-        decode_s = timings["decode"] / 1000
-        wanted_logprobs = reply is not None and job.request.top_logprobs is not None
-        result = DecodeResult(
-            agent=agent.id,
-            text=text,
-            prompt_tokens=job.prompt_tokens,
-            cached_tokens=job.cached_tokens,
-            generated_tokens=generated,
-            stop_reason=reason or StopReason.CANCELLED,
-            timings_ms=timings,
-            restored=job.restored,
-            parked=job.parked,
-            tokens_per_s=round(generated / decode_s, 2) if decode_s > 0 else 0.0,
-            logprobs=reply.logprobs if reply is not None and wanted_logprobs else None,
-        )
-        self._end(agent, job)
-        self._replies.append((job, result))
-
-    def _remember(self, agent: Agent, job: Job) -> None:
-        """What the agent's conversation is once ``job`` is done: its history, and the text its
-        tokens spell (the rendered conversation and every token of the reply, the text after
-        a stop string included: they are in the sequence)."""
-        reply = job.reply
-        if job.history is not None:  # a chat, or a whole conversation; [] for a raw prompt
-            answer = ChatMessage("assistant", reply.text if reply is not None else "")
-            agent.history = [*job.history, answer] if job.history else []
-        if job.text is None:
-            agent.text = None  # raw text appended: tokenize afresh next time
-            return
-        agent.text = job.text + (reply.spelled if reply is not None else "")
-        agent.text_bos, agent.reply_at = job.add_bos, len(job.text)
-
-    def _send_replies(self) -> None:
-        for job, result in self._replies:
-            if not job.done.done():
-                job.done.set_result(result)
-        self._replies.clear()
-
-    def _fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
-        log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
-        agent.text = None  # its tokens may have changed: tokenize the next prompt afresh
-        job.fail(exc)
-        ctx, seq = agent.slot.context, agent.seq
-        if job.started and ctx is not None and seq is not None:
-            self.worker.drop(ctx, seq)  # frees a host sampler chain
-        self._end(agent, job, stream_ended=True)
-
-    def _end(self, agent: Agent, job: Job, stream_ended: bool = False) -> None:
-        """The job leaves the agent, which goes idle, or waits for its next job."""
-        agent.jobs.remove(job)
-        if job.events is not None and not stream_ended:
-            job.events.put_nowait(None)  # end of stream
-        agent.last_used = time.time()
-        after = Activity.QUEUED if agent.jobs else Activity.IDLE
-        if agent.activity is not after:
-            agent.do(after)
-        if agent.jobs:
-            self._wake.set()
 
     def _no_room(self, slot: ModelSlot) -> LmxdError:
         """Nothing is decoding, yet no room could be made: say why instead of waiting."""
