@@ -243,23 +243,11 @@ class Stepper:
                 del self._work[seq]
         return reports
 
-    def generate(
-        self,
-        seq: int,
-        prompt: Sequence[int],
-        spec: ReplySpec,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Reply:
+    def generate(self, seq: int, prompt: Sequence[int], spec: ReplySpec) -> Reply:
         """One reply on one sequence, to its end: the loop above with nothing else in it."""
-
-        def emit(pieces: list[tuple[int, Piece]]) -> None:
-            if on_text is not None:
-                for _, piece in pieces:
-                    on_text(piece.text)
-
         self.start(seq, prompt, spec)
         while True:
-            reply = self.run([seq], 1 << 30, emit=emit)[seq].reply
+            reply = self.run([seq], 1 << 30)[seq].reply
             if reply is not None:
                 return reply
 
