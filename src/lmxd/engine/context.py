@@ -272,10 +272,12 @@ class Context:
         self.model.engine.check_thread()
         return int(llama_cpp.llama_state_seq_get_size(self.ptr, seq_id))
 
-    def save_seq(self, seq_id: int, into: WritableBuffer) -> StateLayout:
-        """Copy sequence ``seq_id``'s state into ``into``; returns how it is laid out."""
+    def save_seq(self, seq_id: int, into: WritableBuffer, size: int = 0) -> StateLayout:
+        """Copy sequence ``seq_id``'s state into ``into``; returns how it is laid out.
+        ``size``: its :meth:`seq_state_size`, when the caller has it already (each is a walk
+        over the sequence's cells)."""
         self.model.engine.check_thread()
-        size = self.seq_state_size(seq_id)
+        size = size or self.seq_state_size(seq_id)
         if len(into) < size:
             raise InvalidInput(f"state of sequence {seq_id} needs {size} bytes, got {len(into)}")
         partial = int(

@@ -164,11 +164,12 @@ class LlamaWorker:
 
         def park_() -> ParkedState | None:
             n_tokens = context.seq_len[seq]
-            buffer = store.allocate(context.seq_state_size(seq))
+            size = context.seq_state_size(seq)
+            buffer = store.allocate(size)
             if buffer is None:
                 return None
             try:
-                layout = context.save_seq(seq, buffer)
+                layout = context.save_seq(seq, buffer, size)
             except LmxdError:
                 store.release(buffer)
                 raise
