@@ -18,14 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import llama_cpp
-
 from lmxd import catalog
 from lmxd.bench.report import Report
-from lmxd.bench.throughput import CPU_AGENTS, CPU_MODEL, N_CTX, PROMPT, TOKENS, _daemon
-from lmxd.engine.context import Context, ContextParams
-from lmxd.engine.model import ModelRegistry
-from lmxd.engine.runtime import Engine
+from lmxd.bench.throughput import CPU_AGENTS, CPU_MODEL, TOKENS, _daemon, reference
 from lmxd.spawn import DaemonProcess
 
 GOAL = 0.60
@@ -41,31 +36,6 @@ def _busy_core() -> Iterator[None]:
     finally:
         spinner.kill()
         spinner.wait()
-
-
-def _decode_alone(path: Path, threads: int) -> float:
-    """Tokens/s of ``llama_decode`` alone, one sequence, a fixed thread count."""
-    engine = Engine.get()
-
-    def measure() -> float:
-        registry = ModelRegistry(engine)
-        model = registry.acquire(path)
-        ctx = Context(model, ContextParams(n_ctx=N_CTX, n_threads=threads))
-        try:
-            prompt = model.tokenize(PROMPT)
-            n = len(prompt)
-            ctx.decode([0] * n, prompt, list(range(n)), [0] * (n - 1) + [1])
-            t0 = time.perf_counter()
-            for pos in range(n, n + TOKENS // 4):
-                ctx.decode([0], [prompt[-1]], [pos], [1])
-                llama_cpp.llama_get_logits(ctx.ptr)
-            return (TOKENS // 4) / (time.perf_counter() - t0)
-        finally:
-            ctx.free()
-            registry.release(model)
-
-    rate: float = engine.call(measure)
-    return rate
 
 
 def _aggregate(socket: Path, n: int) -> float:
@@ -85,7 +55,7 @@ def run(models_dir: Path, out: Path) -> Report:
         with _busy_core():
             busy = {n: _aggregate(daemon.socket, n) for n in CPU_AGENTS}
     with _busy_core():
-        alone = {t: _decode_alone(path, t) for t in sorted({cores, 1}, reverse=True)}
+        alone = {t: reference(path, 1, t, TOKENS // 4) for t in sorted({cores, 1}, reverse=True)}
     for n in CPU_AGENTS:
         report.add(f"daemon, {n} agents, idle machine", idle[n], "tok/s")
         report.add(

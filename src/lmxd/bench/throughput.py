@@ -43,14 +43,15 @@ HOT = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 SAMPLINGS: dict[str, dict[str, Any] | None] = {"greedy": None, "t=0.8 top-k 40 top-p 0.95": HOT}
 
 
-def _reference(path: Path, n_seq: int) -> float:
-    """Tokens/s of ``llama_decode`` alone: n_seq sequences, one token each per step."""
+def reference(path: Path, n_seq: int, threads: int = 0, steps: int = TOKENS) -> float:
+    """Tokens/s of ``llama_decode`` alone: n_seq sequences, one token each per step, over
+    ``steps`` steps (``threads``: a fixed CPU thread count; 0, lmxd's default)."""
     engine = Engine.get()
 
     def measure() -> float:
         registry = ModelRegistry(engine)
         model = registry.acquire(path)
-        ctx = Context(model, ContextParams(n_ctx=N_CTX, n_seq_max=n_seq))
+        ctx = Context(model, ContextParams(n_ctx=N_CTX, n_seq_max=n_seq, n_threads=threads))
         batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
         try:
             prompt = model.tokenize(PROMPT)
@@ -63,12 +64,12 @@ def _reference(path: Path, n_seq: int) -> float:
             batch.n_tokens = n_seq
             pos = np.ctypeslib.as_array(batch.pos, shape=(n_seq,))
             t0 = time.perf_counter()
-            for _ in range(TOKENS):
+            for _ in range(steps):
                 if llama_cpp.llama_decode(ctx.ptr, batch) != 0:
                     raise RuntimeError("llama_decode failed in the reference run")
                 llama_cpp.llama_get_logits(ctx.ptr)  # waits for the step, as reading does
                 pos += 1
-            return n_seq * TOKENS / (time.perf_counter() - t0)
+            return n_seq * steps / (time.perf_counter() - t0)
         finally:
             llama_cpp.llama_batch_free(batch)
             ctx.free()
@@ -127,9 +128,9 @@ def run(models_dir: Path, out: Path) -> Report:
     gpu = Engine.get().gpu_offload
     model, counts = (GPU_MODEL, GPU_AGENTS) if gpu else (CPU_MODEL, CPU_AGENTS)
     path = catalog.resolve_model(model, models_dir)
-    reference = {n: _reference(path, n) for n in counts}
+    alone = {n: reference(path, n) for n in counts}
     for n in counts:
-        report.add(f"llama_decode alone, {n} sequences", reference[n], "tok/s")
+        report.add(f"llama_decode alone, {n} sequences", alone[n], "tok/s")
     args = ("--models-dir", str(models_dir), "--keep-alive", "0", "--max-seqs", str(max(counts)))
     rates: dict[str, dict[int, float]] = {}
     with DaemonProcess(*args) as daemon:
@@ -145,10 +146,10 @@ def run(models_dir: Path, out: Path) -> Report:
                 share = _goal(n, gpu)
                 report.add(
                     f"daemon, {n} agents, {label}: share of llama_decode alone",
-                    100 * rate / reference[n],
+                    100 * rate / alone[n],
                     "%",
-                    f">= {share:.0%} ({rate:,.0f} of {reference[n]:,.0f} tok/s)",
-                    rate >= share * reference[n],
+                    f">= {share:.0%} ({rate:,.0f} of {alone[n]:,.0f} tok/s)",
+                    rate >= share * alone[n],
                 )
             if gpu:
                 report.add(
@@ -189,12 +190,12 @@ def run(models_dir: Path, out: Path) -> Report:
             )
             report.add(
                 f"daemon --deterministic, {n} agents, greedy: share of llama_decode alone",
-                100 * rate / reference[n],
+                100 * rate / alone[n],
                 "%",
             )
-    report.meta["reference"] = {str(n): reference[n] for n in counts}
+    report.meta["reference"] = {str(n): alone[n] for n in counts}
     report.meta["model"] = model
-    series = {"llama_decode alone": [reference[n] for n in counts]}
+    series = {"llama_decode alone": [alone[n] for n in counts]}
     series.update({f"daemon, {label}": [rates[label][n] for n in counts] for label in rates})
     report.chart(f"Decode throughput, {model} (tok/s)", [str(n) for n in counts], series, "tok/s")
     report.save(out)
