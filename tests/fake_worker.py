@@ -60,7 +60,7 @@ class FakeWorker:
     def __init__(self, step_s: float = 0.001) -> None:
         self.step_s = step_s
         self.log: list[tuple[str, ...]] = []
-        self.fail_parks = False  # every park raises, as a failed copy would
+        self.fail_saves = False  # every copy out raises, as a failed one would
 
     async def load(self, path: Path) -> ModelHandle:
         self.log.append(("load", path.stem))
@@ -144,17 +144,16 @@ class FakeWorker:
     def drop(self, ctx: ContextHandle, seq: int) -> None:
         _fake(ctx).replies.pop(seq, None)
 
-    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+    async def save(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
         fake = _fake(ctx)
-        if self.fail_parks:
-            raise EngineError("the fake engine's park failed")
+        if self.fail_saves:
+            raise EngineError("the fake engine's copy failed")
         n_tokens = fake.seq_len[seq]
         size = 8 + STATE_BYTES_PER_TOKEN * n_tokens
         buffer = store.allocate(size)
         if buffer is None:
             return None
-        fake.seq_len[seq] = 0
-        self.log.append(("park", fake.name, str(seq), str(n_tokens)))
+        self.log.append(("save", fake.name, str(seq), str(n_tokens)))
         return ParkedState(buffer, StateLayout(fake.n_seq, seq, (size - 8,)), n_tokens)
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
@@ -165,7 +164,9 @@ class FakeWorker:
         self.log.append(("restore", fake.name, str(seq), str(state.n_tokens)))
 
     async def clear(self, ctx: ContextHandle, seq: int) -> None:
-        _fake(ctx).seq_len[seq] = 0
+        fake = _fake(ctx)
+        self.log.append(("clear", fake.name, str(seq), str(fake.seq_len[seq])))
+        fake.seq_len[seq] = 0
 
 
 def _fake(ctx: ContextHandle) -> FakeContext:

@@ -255,7 +255,7 @@ def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir:
         await decode(s, "b")
         await decode(s, "c")  # takes a's sequence
         assert agent.state == "empty" and agent.parked is None
-        assert not [e for e in w.log if e[0] == "park"]  # nothing was copied
+        assert not [e for e in w.log if e[0] == "save" and e[3] == "0"]  # nothing was copied
 
     run(models_dir, test)
 
@@ -289,11 +289,11 @@ def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
         return w.log[start:]
 
     log = run(models_dir, test, park_after_decode=True)
-    copies_and_runs = ("restore", "run", "park")
+    copies_and_runs = ("restore", "run", "save")
     big = [
         i for i, e in enumerate(log) if e[1] == "gemma-3-270m-q4_k_m" and e[0] in copies_and_runs
     ]
-    assert [log[i][0] for i in big] == ["restore", "run", "park"], log
+    assert [log[i][0] for i in big] == ["restore", "run", "save"], log
     for a, b in itertools.pairwise(big):
         assert any(e[:2] == ("run", "SmolLM2-135M-Instruct.Q4_1") for e in log[a + 1 : b]), log
 
@@ -470,8 +470,68 @@ def test_the_loop_waits_instead_of_spinning_when_no_model_can_move(models_dir: P
 def test_replies_held_for_forced_parks_go_out_when_a_park_fails(models_dir: Path) -> None:
     async def test(s: Scheduler, w: FakeWorker) -> None:
         await register(s, "a")
-        w.fail_parks = True
+        w.fail_saves = True
         result = await asyncio.wait_for(decode(s, "a"), 5)
         assert result.stop_reason is StopReason.LENGTH
 
     run(models_dir, test, park_after_decode=True)
+
+
+def test_idle_agents_are_written_ahead_and_then_parked_without_a_copy(models_dir: Path) -> None:
+    """While the engine is idle, agents that may be parked have their KV copied to host RAM;
+    parking one later only frees its cells, and it comes back from that copy."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        await decode(s, "a")
+        await decode(s, "b")
+        await asyncio.sleep(0.3)  # idle: both are written ahead, and stay resident
+        saves = [e for e in w.log if e[0] == "save"]
+        assert [e[2] for e in saves] == ["0", "1"]  # a's sequence first (used longer ago)
+        assert s.agents["a"].state == s.agents["b"].state == "resident"
+        kv_a = s.agents["a"].kv_tokens
+        start = len(w.log)
+        result = await decode(s, "c")  # takes a's sequence: only its cells are freed
+        assert result.parked == ["a"] and s.agents["a"].state == "parked"
+        assert not [e for e in w.log[start:] if e[0] == "save"]
+        assert ("clear", "SmolLM2-135M-Instruct.Q4_1", "0", str(kv_a)) in w.log[start:]
+        assert s.room.transfers.parks == s.room.transfers.parks_ahead == 1
+        result = await decode(s, "b")  # its next job changes its KV: the copy goes
+        assert s.agents["b"].copy is None
+        result = await decode(s, "a")  # back from the copy written ahead
+        assert result.restored and result.cached_tokens == kv_a
+        assert ("restore", "SmolLM2-135M-Instruct.Q4_1", "0", str(kv_a)) in w.log
+
+    run(models_dir, test, max_seqs=2)
+
+
+def test_nothing_is_written_ahead_where_no_park_can_come(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        await register(s, "b")
+        await decode(s, "a")
+        await decode(s, "b")
+        await asyncio.sleep(0.3)
+        assert not [e for e in w.log if e[0] == "save"]
+        assert s.room.store.used == 0
+
+    run(models_dir, test, max_seqs=2)
+
+
+def test_copies_written_ahead_make_way_for_a_park_when_the_budget_is_spent(
+    models_dir: Path,
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        await register(s, "x", "gemma3-270m")
+        await register(s, "y", "gemma3-270m")
+        await decode(s, "a")
+        await asyncio.sleep(0.3)  # another model has no context: a is written ahead
+        assert s.agents["a"].copy is not None and s.room.store.used == s.room.store.budget
+        await decode(s, "x")
+        result = await decode(s, "y")  # x is parked: a's copy gives its room up
+        assert result.parked == ["x"] and s.agents["x"].state == "parked"
+        assert s.agents["a"].copy is None and s.agents["a"].state == "resident"
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20)

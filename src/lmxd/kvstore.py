@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -147,8 +148,13 @@ class KvStore:
             self._want_pinned = False
             self.pinned = PinnedMemory.load()
         if self.pinned is not None:
+            t0 = time.perf_counter()
             buffer = self.pinned.allocate(size)
             if buffer is not None:
+                # Page-locking takes time (tens of ms for tens of MB): a park that needs a new
+                # buffer waits for it, so each one is logged.
+                ms = (time.perf_counter() - t0) * 1000
+                log.info("page-locked buffer allocated bytes=%d ms=%.1f", size, ms)
                 return buffer
             log.warning("cudaHostAlloc of %d bytes failed; using ordinary memory", size)
         return bytearray(size)

@@ -22,6 +22,7 @@ class DaemonProcess:
         socket_path: Path | None = None,
         timeout: float = 120,
         http: str = "off",
+        verbose: bool = False,  # log every park, restore and context (INFO)
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="lmxd-", dir="/tmp"))  # AF_UNIX paths are short
         self.socket = socket_path or self.dir / "d.sock"
@@ -30,6 +31,7 @@ class DaemonProcess:
             sys.executable,
             "-m",
             "lmxd.cli",
+            *(["-v"] if verbose else []),
             "serve",
             "--socket",
             str(self.socket),

@@ -2,7 +2,8 @@
 
 N agents of one model each decode a different prompt, first one at a time (each alone on the
 card), then all at once (after a RESET); an agent *forks* when its two texts differ. Run for
-the two real models, with and without ``--deterministic``. Goal: no fork under
+the two real models (on a GPU build, two of the synthetic shapes: the real files do not travel
+to the lent card), with and without ``--deterministic``. Goal: no fork under
 ``--deterministic``; without it, the count is what batching with other agents costs in
 reproducibility (llama.cpp's kernels take other paths for other batch sizes).
 """
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
+from lmxd.engine.runtime import Engine
 from lmxd.spawn import DaemonProcess
 
-MODELS = ("smollm2-135m", "gemma3-270m")
+CPU_MODELS = ("smollm2-135m", "gemma3-270m")
+GPU_MODELS = ("synth-qwen2-0.5b", "synth-llama3.2-1b")
 AGENTS = 8
 TOKENS = 32
 SUBJECTS = ["mayor", "baker", "river", "bridge", "church", "market", "school", "harbor"]
@@ -44,11 +47,12 @@ async def _forks(socket: Path, model: str) -> int:
 
 def run(models_dir: Path, out: Path) -> Report:
     report = Report("forks")
+    models = GPU_MODELS if Engine.get().gpu_offload else CPU_MODELS
     base = ("--models-dir", str(models_dir), "--keep-alive", "0", "--max-seqs", str(AGENTS))
     for flags in ((), ("--deterministic",)):
         label = "--deterministic" if flags else "default"
         with DaemonProcess(*base, *flags) as daemon:
-            for model in MODELS:
+            for model in models:
                 forks = asyncio.run(_forks(daemon.socket, model))
                 report.rows.append({"mode": label, "model": model, "forks": forks})
                 goal, met = ("0", forks == 0) if flags else ("", None)

@@ -56,7 +56,9 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 stepper.generate(0, tokens, ReplySpec(1, SamplingParams()))
                 prefill_s = time.perf_counter() - t0
-                size = ctx.seq_state_size(0)
+                t0 = time.perf_counter()
+                size = ctx.seq_state_size(0)  # a park asks for it too: a walk over the cells
+                size_s = time.perf_counter() - t0
                 for kind, store in (
                     ("ordinary", KvStore(4 * size)),
                     ("page-locked", KvStore(4 * size, pinned=True)),
@@ -84,6 +86,8 @@ def _raw(path: Path) -> list[dict[str, Any]]:
                             "get_GBps": size / get_s / GB,
                             "set_GBps": size / set_s / GB,
                             "set_ms": set_s * 1000,
+                            "get_ms": get_s * 1000,
+                            "size_ms": size_s * 1000,
                             "prefill_ms": prefill_s * 1000,
                         }
                     )
@@ -159,9 +163,11 @@ def run(models_dir: Path, out: Path) -> Report:
         report.add(f"{tag}: get_data", row["get_GBps"], "GB/s")
         report.add(f"{tag}: set_data", row["set_GBps"], "GB/s")
     args = ("--models-dir", str(models_dir), "--keep-alive", "0", "--park-after-decode")
-    with DaemonProcess(*args) as daemon:
+    with DaemonProcess(*args, verbose=True) as daemon:
         cycles = [asyncio.run(_daemon_cycle(daemon.socket, n)) for n in SIZES]
         stall = asyncio.run(_stall(daemon.socket))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "parking-daemon.log").write_text(daemon.log())  # its parks, restores, contexts
     for c in cycles:
         report.rows.append({"part": "daemon", **c})
         big = c["park_bytes"] >= 100e6

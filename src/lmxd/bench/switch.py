@@ -51,8 +51,10 @@ async def _switches(socket: Path) -> list[dict[str, Any]]:
 def run(models_dir: Path, out: Path) -> Report:
     report = Report("switch")
     args = ("--models-dir", str(models_dir), "--keep-alive", "0", "--max-seqs", "1")
-    with DaemonProcess(*args) as daemon:
+    with DaemonProcess(*args, verbose=True) as daemon:
         rows = asyncio.run(_switches(daemon.socket))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "switch-daemon.log").write_text(daemon.log())  # its parks, restores, contexts
     report.rows = rows
     report.add(
         "switches that parked one agent and restored the other",

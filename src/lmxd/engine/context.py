@@ -280,17 +280,19 @@ class Context:
         size = size or self.seq_state_size(seq_id)
         if len(into) < size:
             raise InvalidInput(f"state of sequence {seq_id} needs {size} bytes, got {len(into)}")
-        partial = int(
-            llama_cpp.llama_state_seq_get_size_ext(
-                self.ptr, seq_id, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        # A sliding-window model's "partial" state is the header and its window cache alone,
+        # which comes last; any other model's is the whole state (and asking walks the cells).
+        partial = size
+        if any(self.model.info.swa_layers):
+            partial = int(
+                llama_cpp.llama_state_seq_get_size_ext(
+                    self.ptr, seq_id, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+                )
             )
-        )
         ptr = (ctypes.c_uint8 * len(into)).from_buffer(into)  # type: ignore[arg-type]
         written = int(llama_cpp.llama_state_seq_get_data(self.ptr, ptr, size, seq_id))
         if written != size:
             raise EngineError(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        # A sliding-window model's "partial" state is the header and its window cache alone,
-        # which comes last; any other model's is the whole state.
         header = StateLayout.HEADER
         sections = (size - partial, partial - header) if partial < size else (size - header,)
         return StateLayout(self.params.n_seq_max, seq_id, sections)

@@ -7,15 +7,15 @@ prompt tokens it still has to decode and what its reply may be (:class:`ReplySpe
 sequence brings its last token and prompts fill the rest, and returns a :class:`SeqReport` per
 sequence. Text goes out as it is sampled through ``emit``, once per step.
 
-Three ways to pick a token, chosen per reply (:class:`Pick`), all in one step:
+Four ways to pick a token, chosen per reply (:class:`Pick`), all in one step:
 
 - greedy: one numpy ``argmax`` over the logits rows of every greedy sequence of the step
   (measured faster than llama.cpp's on-device greedy sampler on the H200 at every batch size:
   the device sampler adds graph nodes and a copy per sequence);
-- temperature, top-k, top-p, min-p, seed: a device chain (llama.cpp's backend samplers), so
-  no host chain scans the vocabulary (on a CPU build the "device" is the CPU: one SmolLM2
-  agent sampling at temperature 0.8 kept 99% of ``llama_decode`` alone, against 88% with the
-  host chain);
+- temperature with a top-k of at most 256, top-p, min-p, seed: numpy again, over the rows of
+  every such sequence at once (:mod:`lmxd.engine.draw`; llama.cpp's on-device chain sorted
+  the whole vocabulary once per sequence: 12 ms a step at 64 sequences on the H200);
+- the same with no top-k (or a larger one): llama.cpp's backend (on-device) chain;
 - a grammar, repetition penalties or log probabilities: llama.cpp's host chain, per sequence.
 
 The per-token work left in Python is a list lookup of the token's bytes, an incremental UTF-8
@@ -26,6 +26,7 @@ The same loop serves the daemon, the benchmarks and the engine's tests (:meth:`g
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from lmxd.engine.context import Context
+from lmxd.engine.draw import Draw, draw, group_maxima
+from lmxd.engine.draw import usable as draws_here
 from lmxd.engine.sampling import Sampler, SamplingParams
 from lmxd.engine.textstream import StopMatcher, TokenTextDecoder
 from lmxd.errors import InvalidInput
@@ -69,13 +72,16 @@ class ReplySpec:
     def pick(self) -> Pick:
         if self.grammar is not None or self.sampling.penalised or self.top_logprobs is not None:
             return Pick.CHAIN
-        return Pick.ARGMAX if self.sampling.greedy else Pick.DEVICE
+        if self.sampling.greedy:
+            return Pick.ARGMAX
+        return Pick.DRAW if draws_here(self.sampling) else Pick.DEVICE
 
 
 class Pick(Enum):
     """How a reply's tokens are chosen (see the module's docstring)."""
 
     ARGMAX = "argmax"
+    DRAW = "draw"
     DEVICE = "device"
     CHAIN = "chain"
 
@@ -118,13 +124,20 @@ class _Work:
     """A sequence's reply in progress: engine-thread state, never seen by the scheduler."""
 
     def __init__(
-        self, seq: int, prompt: list[int], spec: ReplySpec, pick: Pick, sampler: Sampler | None
+        self,
+        seq: int,
+        prompt: list[int],
+        spec: ReplySpec,
+        pick: Pick,
+        sampler: Sampler | None,
+        draw: Draw | None,
     ) -> None:
         self.seq = seq
         self.pending = prompt  # prompt tokens still to decode
         self.spec = spec
         self.pick = pick
         self.sampler = sampler  # the host chain of Pick.CHAIN
+        self.draw = draw  # the settings and random stream of Pick.DRAW
         self.last = -1  # the token to decode next once generating
         self.n_tokens = 0
         self.decoder = TokenTextDecoder()
@@ -154,6 +167,17 @@ class _Work:
 
 def _row_argmax(logits: npt.NDArray[np.float32]) -> list[int]:
     return logits.argmax(axis=1).tolist()  # type: ignore[no-any-return]
+
+
+def _by_rows(fn: Callable[[slice], list[int]], n_rows: int, n_logits: int) -> list[int]:
+    """``fn`` over slices of a step's logits rows, one per thread of the pool when there are
+    enough logits to be worth it; the tokens, in row order."""
+    shares = min(_ARGMAX_THREADS, n_logits // _ARGMAX_SPLIT, n_rows)
+    if shares <= 1:
+        return fn(slice(0, n_rows))
+    bounds = np.linspace(0, n_rows, shares + 1).astype(int).tolist()
+    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    return [t for part in _argmax_pool.map(fn, parts) for t in part]
 
 
 class Stepper:
@@ -191,7 +215,8 @@ class Stepper:
         if pick is Pick.CHAIN:
             model = self.ctx.model
             sampler = Sampler(spec.sampling, model.vocab, model.n_vocab, spec.history, spec.grammar)
-        self._work[seq] = _Work(seq, list(prompt), spec, pick, sampler)
+        draw = Draw.start(spec.sampling) if pick is Pick.DRAW else None
+        self._work[seq] = _Work(seq, list(prompt), spec, pick, sampler, draw)
 
     def cancel(self, seq: int) -> Reply | None:
         """End ``seq``'s reply now (CANCELLED); None if it has none."""
@@ -294,14 +319,14 @@ class Stepper:
         elapsed = time.perf_counter() - t0
         for w in prefilling:
             reports[w.seq].prefill_s += elapsed
-        best = self._argmax([k for k, (w, _) in enumerate(due) if w.pick is Pick.ARGMAX], len(due))
+        picked = self._host_picks([w for w, _ in due])
         pieces: list[tuple[int, Piece]] = []
         ended = False
         for k, (w, row) in enumerate(due):
             if w not in prefilling:
                 reports[w.seq].decode_s += elapsed
-            if w.pick is Pick.ARGMAX:
-                token = best[k]
+            if k in picked:
+                token = picked[k]
             elif w.pick is Pick.DEVICE:
                 token = ctx.sampled_token(row)
             else:
@@ -313,21 +338,29 @@ class Stepper:
             ended = ended or w.stop_reason is not None
         return pieces, ended
 
-    def _argmax(self, outputs: list[int], n_outputs: int) -> dict[int, int]:
-        """The greedy token of each of ``outputs`` (indices among the step's ``n_outputs``
-        logits rows), in one numpy operation over those rows."""
-        if not outputs:
+    def _host_picks(self, due: list[_Work]) -> dict[int, int]:
+        """The tokens numpy picks for the step's logits rows (``due``, in row order): the
+        argmax of greedy rows, a draw for Pick.DRAW rows. Each is one pass over the rows'
+        logits, split over threads when there are many."""
+        greedy = [k for k, w in enumerate(due) if w.pick is Pick.ARGMAX]
+        drawn = [k for k, w in enumerate(due) if w.pick is Pick.DRAW]
+        if not greedy and not drawn:
             return {}
-        logits = self.ctx.logits(n_outputs)
-        if len(outputs) < n_outputs:
-            logits = logits[outputs]
-        shares = min(_ARGMAX_THREADS, logits.size // _ARGMAX_SPLIT)
-        if shares <= 1:
-            best = logits.argmax(axis=1).tolist()
-        else:
-            parts = np.array_split(logits, shares)
-            best = [t for part in _argmax_pool.map(_row_argmax, parts) for t in part]
-        return dict(zip(outputs, best, strict=True))
+        logits = self.ctx.logits(len(due))
+        picked: dict[int, int] = {}
+        if greedy:
+            rows = logits if len(greedy) == len(due) else logits[greedy]
+            best = _by_rows(lambda part: _row_argmax(rows[part]), len(rows), rows.size)
+            picked.update(zip(greedy, best, strict=True))
+        if drawn:
+            some = logits if len(drawn) == len(due) else logits[drawn]
+            draws = [w.draw for w in (due[k] for k in drawn) if w.draw is not None]
+
+            def draw_part(part: slice) -> list[int]:
+                return draw(some[part], group_maxima(some[part]), draws[part])
+
+            picked.update(zip(drawn, _by_rows(draw_part, len(some), some.size), strict=True))
+        return picked
 
     def _accept(self, w: _Work, token: int, row: int, report: SeqReport) -> Piece | None:
         """``w``'s next token is ``token`` (sampled from ``row``); its new visible text."""

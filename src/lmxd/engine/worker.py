@@ -69,8 +69,8 @@ class Worker(Protocol):
         """Forget the sequence's reply, without waiting."""
         ...
 
-    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
-        """Copy the sequence's state into ``store`` and free its cells; None if over budget."""
+    async def save(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+        """Copy the sequence's state into ``store``, leaving its cells; None if over budget."""
         ...
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None: ...
@@ -159,10 +159,10 @@ class LlamaWorker:
         stepper = _opened(ctx).stepper
         self.engine.post(lambda: stepper.drop(seq))
 
-    async def park(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
+    async def save(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
         context = _opened(ctx).context
 
-        def park_() -> ParkedState | None:
+        def save_() -> ParkedState | None:
             n_tokens = context.seq_len[seq]
             size = context.seq_state_size(seq)
             buffer = store.allocate(size)
@@ -173,10 +173,9 @@ class LlamaWorker:
             except LmxdError:
                 store.release(buffer)
                 raise
-            context.clear_seq(seq)
             return ParkedState(buffer, layout, n_tokens)
 
-        return await self.engine.acall(park_)
+        return await self.engine.acall(save_)
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
         await self.engine.acall(_opened(ctx).context.load_seq, seq, state.buffer, state.layout)

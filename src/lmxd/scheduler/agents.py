@@ -92,6 +92,9 @@ class Agent:
     seq: int | None = None  # sequence id while resident
     kv: int = 0  # tokens its sequence holds while resident, as the engine last reported
     parked: ParkedState | None = None  # saved state while parked
+    # While resident and idle: a copy of its KV written ahead of need (when the engine had
+    # nothing to do), so that parking it is only freeing its cells. Gone when a job starts.
+    copy: ParkedState | None = None
     jobs: list[Job] = field(default_factory=list)  # FIFO; the head is the one in progress
     last_used: float = field(default_factory=time.time)
 

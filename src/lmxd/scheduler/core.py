@@ -46,6 +46,10 @@ from lmxd.scheduler.steps import begin, tokenize
 
 log = logging.getLogger("lmxd.scheduler")
 _GATHER_YIELDS = 4  # loop turns; each costs microseconds
+# Idle this long, the engine copies idle agents' KV ahead of need. Not at once: an agent's
+# client often sends its next request within milliseconds of a reply (a tool call, the next
+# step of a plan), and that request would wait for the copy.
+_WRITE_AHEAD_AFTER_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,7 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
+            await self._idle()
             self._wake.clear()
             # Woken from idle by a DECODE: let the requests already in the loop's ready queue
             # (a burst on several HTTP connections arrives a few callbacks apart) be submitted
@@ -271,6 +275,22 @@ class Scheduler:
                 if still > len(self.room.slots):
                     break
                 await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
+
+    async def _idle(self) -> None:
+        """Wait for work; meanwhile, once idle for a moment, write idle agents' KV ahead of
+        need, one copy at a time, stopping as soon as work arrives (it then waits for one
+        copy at most)."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), _WRITE_AHEAD_AFTER_S)
+            return
+        except TimeoutError:
+            pass
+        while not self._wake.is_set():
+            async with self._lock:
+                agent = self.room.next_to_copy()
+                if agent is None or not await self.room.write_ahead(agent):
+                    break
+        await self._wake.wait()
 
     def _next_slot(self) -> ModelSlot | None:
         busy = [s for s in self.room.slots.values() if s.has_work]

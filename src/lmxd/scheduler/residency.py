@@ -6,6 +6,12 @@ agent (its state goes to host RAM and its cells are freed); for a context that d
 yet, reserve it in the ledger, closing other models' contexts whose agents are all idle (least
 recently used first) until it fits. Each park is one structured log line.
 
+Write-ahead: while the engine has nothing to do, idle agents that may be parked soon have
+their KV copied to host RAM ahead of need (:meth:`Residency.write_ahead`); parking one of them
+later is only freeing its cells, so the job that needs its sequence does not wait for a copy.
+The copy goes when the agent's next job starts, and copies make way when a park needs the
+budget.
+
 KV by use, not by promise: each sequence has a KV stream of its own, sized for what the
 model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx),
 rounded up to a power of two; the ledger charges that. 96 agents at n_ctx 4,096 would need
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from lmxd.engine.context import KV_PAD, ContextParams
 from lmxd.engine.worker import Worker
 from lmxd.errors import LmxdError, ParkBudgetExceeded
-from lmxd.kvstore import KvStore
+from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
@@ -37,11 +43,19 @@ log = logging.getLogger("lmxd.scheduler")
 
 @dataclass
 class Transfers:
-    """Parks and restores so far: how many, how many bytes, how long (for STATUS)."""
+    """Parks, restores and copies written ahead so far: how many, bytes, seconds (STATUS).
+
+    ``park_bytes`` and ``park_s`` count the copies parks made when they happened; a park of
+    an agent whose KV was written ahead (``parks_ahead`` of the ``parks``) only freed cells.
+    """
 
     parks: int = 0
     park_bytes: int = 0
     park_s: float = 0.0
+    parks_ahead: int = 0
+    copies_ahead: int = 0
+    copy_ahead_bytes: int = 0
+    copy_ahead_s: float = 0.0
     restores: int = 0
     restore_bytes: int = 0
     restore_s: float = 0.0
@@ -148,6 +162,7 @@ class Residency:
             n_ubatch=self.config.n_batch,
             n_threads=self.config.n_threads,
         )
+        t0 = time.perf_counter()
         try:
             slot.context = await self.worker.open_context(slot.model, params)
         except LmxdError:
@@ -156,11 +171,12 @@ class Residency:
         slot.context_reservation = res
         slot.seqs = [None] * n_seq
         log.info(
-            "context open model=%s cells=%d seqs=%d bytes=%d",
+            "context open model=%s cells=%d seqs=%d bytes=%d ms=%.1f",
             slot.key,
             slot.context.n_ctx,
             n_seq,
             res.bytes,
+            (time.perf_counter() - t0) * 1000,
         )
 
     async def close_if_unused(self, slot: ModelSlot) -> None:
@@ -179,19 +195,22 @@ class Residency:
                     used_bytes=self.store.used,
                 )
         ctx, slot.context, slot.seqs = slot.context, None, []
+        t0 = time.perf_counter()
         if ctx is not None:
             await self.worker.close_context(ctx)
         if slot.context_reservation is not None:
             self.ledger.release(slot.context_reservation)
             slot.context_reservation = None
-        log.info("context closed model=%s", slot.key)
+        log.info("context closed model=%s ms=%.1f", slot.key, (time.perf_counter() - t0) * 1000)
 
     # -- agents ------------------------------------------------------------------------------
 
     async def park(self, agent: Agent, job: Job | None = None) -> bool:
         """Move a resident agent's KV to host RAM and free its sequence. False if the park
         budget is spent. An agent whose sequence holds nothing only gives the sequence up: it
-        has no KV anywhere, and is not counted or reported as parked.
+        has no KV anywhere, and is not counted or reported as parked. An agent whose KV was
+        written ahead (:meth:`write_ahead`) only has its cells freed: the copy becomes its
+        parked state.
 
         ``job`` is the job this park makes room for: it is charged the time and told who left.
         """
@@ -203,33 +222,95 @@ class Residency:
             agent.place(Memory.NONE)
             return True
         agent.place(Memory.PARKING)
+        ahead = agent.copy is not None
         t0 = time.perf_counter()
         try:
-            state = await self.worker.park(ctx, seq, self.store)
+            if agent.copy is None:
+                agent.copy = await self._save(agent)
+            if agent.copy is not None:
+                await self.worker.clear(ctx, seq)
         except LmxdError:
             agent.place(Memory.RESIDENT)
             raise
+        state = agent.copy
         if state is None:
             agent.place(Memory.RESIDENT)
             return False
         slot.seqs[seq] = None
-        agent.seq, agent.parked, agent.kv = None, state, 0
+        agent.seq, agent.parked, agent.copy, agent.kv = None, state, None, 0
         agent.place(Memory.PARKED)
         elapsed = time.perf_counter() - t0
         self.transfers.parks += 1
-        self.transfers.park_bytes += state.nbytes
-        self.transfers.park_s += elapsed
+        if ahead:
+            self.transfers.parks_ahead += 1
+        else:
+            self.transfers.park_bytes += state.nbytes
+            self.transfers.park_s += elapsed
         if job is not None:
             job.timings.park += elapsed
             job.parked.append(agent.id)
         log.info(
-            "park agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
+            "park agent=%s model=%s tokens=%d bytes=%d ms=%.2f written_ahead=%s",
             agent.id,
             slot.key,
             state.n_tokens,
             state.nbytes,
             elapsed * 1000,
+            ahead,
         )
+        return True
+
+    async def _save(self, agent: Agent) -> ParkedState | None:
+        """A copy of ``agent``'s KV in the store. When the budget is spent, copies written
+        ahead for other agents make way: they are only there to make parks faster."""
+        assert agent.slot.context is not None and agent.seq is not None
+        state = await self.worker.save(agent.slot.context, agent.seq, self.store)
+        if state is None and self._discard_copies():
+            state = await self.worker.save(agent.slot.context, agent.seq, self.store)
+        return state
+
+    def _discard_copies(self) -> bool:
+        """Free every copy written ahead; True if there was one."""
+        copies = [a for s in self.slots.values() for a in s.agents.values() if a.copy]
+        for agent in copies:
+            self.discard_copy(agent)
+        return bool(copies)
+
+    def discard_copy(self, agent: Agent) -> None:
+        """Forget ``agent``'s copy written ahead, if any (a job is about to change its KV)."""
+        if agent.copy is not None:
+            self.store.free(agent.copy)
+            agent.copy = None
+
+    # -- copies ahead of need ----------------------------------------------------------------
+
+    def next_to_copy(self) -> Agent | None:
+        """The idle resident agent whose KV to copy ahead of need, least recently used first
+        (the first to be parked), where a park can come: its model has more agents than
+        sequences, or another model's agents have no context (their next job may need this
+        one's memory). Copies cost host RAM and bandwidth; elsewhere they would be waste."""
+        starved = {s.key for s in self.slots.values() if s.agents and s.context is None}
+        candidates = [
+            a
+            for s in self.slots.values()
+            if s.context is not None and (len(s.agents) > len(s.seqs) or starved - {s.key})
+            for a in s.idle_residents()
+            if a.kv > 0 and a.copy is None
+        ]
+        return min(candidates, key=lambda a: a.last_used, default=None)
+
+    async def write_ahead(self, agent: Agent) -> bool:
+        """Copy an idle resident agent's KV to host RAM now, while the engine has nothing else
+        to do; it stays resident. False if the park budget has no room for it."""
+        assert agent.slot.context is not None and agent.seq is not None
+        t0 = time.perf_counter()
+        state = await self.worker.save(agent.slot.context, agent.seq, self.store)
+        if state is None:
+            return False
+        agent.copy = state
+        self.transfers.copies_ahead += 1
+        self.transfers.copy_ahead_bytes += state.nbytes
+        self.transfers.copy_ahead_s += time.perf_counter() - t0
         return True
 
     async def drop(self, agent: Agent) -> None:
@@ -240,6 +321,7 @@ class Residency:
             slot.seqs[agent.seq] = None
         if agent.parked is not None:
             self.store.free(agent.parked)
+        self.discard_copy(agent)
         agent.seq, agent.parked, agent.kv = None, None, 0
         if agent.memory is not Memory.NONE:
             agent.place(Memory.NONE)
@@ -297,7 +379,14 @@ class Residency:
 
     async def make_resident(self, agent: Agent, job: Job) -> bool:
         """Give ``agent`` a sequence with room for ``job``, restoring its parked state.
-        False: wait and try again."""
+        False: wait and try again. Its copy written ahead, if any, goes: the job changes its
+        KV."""
+        if not await self._seat(agent, job):
+            return False
+        self.discard_copy(agent)
+        return True
+
+    async def _seat(self, agent: Agent, job: Job) -> bool:
         slot = agent.slot
         need = self.need(agent, job)
         if agent.seq is not None and slot.stream_cells >= need:

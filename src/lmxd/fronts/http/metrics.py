@@ -73,8 +73,12 @@ class ServiceCollector(Collector):
         transfers = status["transfers"]
         for name, key, doc in (
             ("lmxd_parks", "parks", "Agents parked (KV moved to host RAM)"),
-            ("lmxd_park_bytes", "park_bytes", "Bytes of KV parked"),
+            ("lmxd_park_bytes", "park_bytes", "Bytes of KV copied by parks"),
             ("lmxd_park_seconds", "park_s", "Seconds spent parking"),
+            ("lmxd_parks_ahead", "parks_ahead", "Parks that only freed cells (written ahead)"),
+            ("lmxd_copies_ahead", "copies_ahead", "Idle agents' KV copied ahead of need"),
+            ("lmxd_copy_ahead_bytes", "copy_ahead_bytes", "Bytes of KV copied ahead of need"),
+            ("lmxd_copy_ahead_seconds", "copy_ahead_s", "Seconds spent copying ahead of need"),
             ("lmxd_restores", "restores", "Agents restored (KV back from host RAM)"),
             ("lmxd_restore_bytes", "restore_bytes", "Bytes of KV restored"),
             ("lmxd_restore_seconds", "restore_s", "Seconds spent restoring"),
