@@ -9,11 +9,19 @@
 # tokenizer comes from synth-tiny, carried: real model files are too large to travel), under
 # /tmp, which carried folders do not replace. Parts: 1, the gpu tests, parking, switch latency
 # and forks; 2, throughput; 3, density; 4, the memory table and the article's experiment;
-# 5, where a step's host time goes (scripts/profile_step.py). Each part's results land in
+# 5, where a step's host time goes (scripts/profile_step.py); 6, the same through the daemon
+# (scripts/profile_daemon.py, under py-spy when its wheel is carried); 0, the CUDA build packed
+# into $OUT, to be carried next time in .device-carry. Each part's results land in
 # $OUT as a tarball as soon as it ends.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: gpu-run.sh PART..." >&2; exit 2; }
+# A CUDA build brought back by an earlier call (part 0) saves the 4-5 minute build.
+if ls .device-carry/llama-cuda.tar.xz.part-* >/dev/null 2>&1 && [ ! -d /tmp/site/llama_cpp ]; then
+  mkdir -p /tmp/site && cat .device-carry/llama-cuda.tar.xz.part-* | tar -C /tmp/site -xJf -
+fi
 source .device/setup.sh || exit 1
+python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .device-carry/py_spy-*.whl 2>/dev/null \
+  && export PATH=/tmp/pyspy/bin:$PATH
 export LMXD_MODELS_DIR=/tmp/lmxd-models
 mkdir -p "$LMXD_MODELS_DIR"
 cp -n .device-carry/synth-tiny.gguf "$LMXD_MODELS_DIR/" 2>/dev/null
@@ -47,6 +55,15 @@ for part in "$@"; do
     ;;
   5)
     python3 scripts/profile_step.py synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile.txt"
+    ;;
+  6)
+    python3 scripts/profile_daemon.py "$out" synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile-daemon.txt"
+    ;;
+  0)  # the CUDA build, packed for carrying in .device-carry (files back are 16 MiB at most)
+    tar -C /tmp/site -cf - llama_cpp $(cd /tmp/site && ls -d llama_cpp_python-*.dist-info) \
+      | xz -T0 -6 | split -b 15M - "$OUT/llama-cuda.tar.xz.part-"
+    ls -la "$OUT"
+    continue
     ;;
   esac
   tar czf "$OUT/gpu-part$part.tar.gz" "$out"
