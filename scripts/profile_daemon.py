@@ -29,7 +29,9 @@ async def greedy_run(socket: Path, model: str, n: int) -> tuple[float, list[dict
     async with await AsyncClient.connect(socket) as client:
         for i in range(n):
             await client.register(f"a{i}", model, n_ctx=N_CTX)
-        await asyncio.gather(*(client.decode(f"a{i}", PROMPT, max_tokens=4) for i in range(n)))
+        await asyncio.gather(
+            *(client.decode(f"a{i}", PROMPT, max_tokens=TOKENS) for i in range(n))
+        )  # warm-up: the context in the timed run's shape
         for i in range(n):
             await client.reset(f"a{i}")
         loop = asyncio.get_running_loop()

@@ -34,3 +34,19 @@ def test_buffers_are_reused_and_the_budget_holds() -> None:
 
 def test_over_budget_is_a_value_not_an_exception() -> None:
     assert KvStore(budget=MiB).allocate(2 * MiB) is None
+
+
+def test_a_state_that_grew_a_little_finds_its_buffer_again() -> None:
+    """New buffers have room for a quarter more, and a kept buffer serves any state up to it
+    (but not one under half its size: that would hold memory a larger state needs)."""
+    store = KvStore(budget=64 * MiB)
+    a = store.allocate(4 * MiB)
+    assert a is not None and len(a) >= 5 * MiB
+    store.release(a)
+    assert store.allocate(5 * MiB) is a  # the conversation grew by a quarter: same buffer
+    store.release(a)
+    small = store.allocate(2 * MiB)  # 5 MiB is more than twice 2 MiB: a buffer of its own
+    assert small is not None and small is not a
+    tight = KvStore(budget=4 * MiB)  # no room for the quarter more: the size asked for
+    exact = tight.allocate(4 * MiB)
+    assert exact is not None and len(exact) == 4 * MiB

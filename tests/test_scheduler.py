@@ -298,6 +298,21 @@ def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
         assert any(e[:2] == ("run", "SmolLM2-135M-Instruct.Q4_1") for e in log[a + 1 : b]), log
 
 
+def test_a_context_stays_open_while_its_agents_are_parked(models_dir: Path) -> None:
+    """An agent parked and then restored finds its model's context still open: coming back
+    costs its restore, not a context opened again as well."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        await decode(s, "a")
+        assert s.agents["a"].state == "parked" and s.agents["a"].slot.context is not None
+        again = await decode(s, "a")
+        assert again.restored
+        assert len([e for e in w.log if e[0] == "open"]) == 1
+
+    run(models_dir, test, park_after_decode=True)
+
+
 def test_an_agents_two_states_move_only_along_their_tables() -> None:
     agent = Agent("a", None, 512, SamplingParams(), None)  # type: ignore[arg-type]
     assert agent.state == "empty"

@@ -7,6 +7,7 @@ GGUF, truncated, an architecture we cannot size) becomes a :class:`ModelFileErro
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -76,11 +77,20 @@ class ModelInfo:
 
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
-    """Read and check a GGUF file's metadata, raising :class:`ModelFileError` on any defect."""
+    """Read and check a GGUF file's metadata, raising :class:`ModelFileError` on any defect.
+
+    Kept per file while its size and modification time stay the same: walking past a 128,256
+    token vocabulary takes about 80 ms of Python, and every REGISTER reads its model's file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}", path=str(path))
-    file_size = path.stat().st_size
+    stat = path.stat()
+    return _read_model_info(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_model_info(path: Path, file_size: int, _mtime_ns: int) -> ModelInfo:
     with path.open("rb") as f:
         magic = f.read(4)
         if magic != GGUF_MAGIC:

@@ -84,10 +84,11 @@ async def _daemon(
     async with await AsyncClient.connect(socket) as client:
         for i, model in enumerate(models):
             await client.register(f"a{i}", model, n_ctx=N_CTX)
-        # warm-up: contexts opened, graphs built, device sampler chains attached
+        # warm-up, the timed requests once: contexts opened in the shape the timed run
+        # needs (streams are sized by use), graphs built, device sampler chains attached
         await asyncio.gather(
             *(
-                client.decode(f"a{i}", PROMPT, max_tokens=4, sampling=sampling)
+                client.decode(f"a{i}", PROMPT, max_tokens=TOKENS, sampling=sampling)
                 for i in range(len(models))
             )
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,6 @@ class Scheduler:
                 )
             await self.room.drop(agent)
             agent.tokens, agent.history, agent.text = [], [], None
-            await self.room.close_if_unused(agent.slot)
             self._wake.set()  # what it held may be what another job waits for
 
     async def unregister(self, agent_id: str) -> None:
@@ -228,8 +228,8 @@ class Scheduler:
             self.endings.send()
             await self.models.keep_alive(slot)  # holds the weights before this agent lets go
         self.ledger.release(handle)
-        if self.room.slots.get(str(slot.path)) is slot:
-            await self.room.close_if_unused(slot)
+        if not slot.agents and slot.context is not None:  # no agent is left to use it
+            await self.room.close_context(slot)
         self._wake.set()  # what it held may be what another job waits for
         log.info("unregister agent=%s model=%s", agent.id, slot.key)
 
@@ -317,8 +317,6 @@ class Scheduler:
                     and slot.agents.get(agent.id) is agent
                 ):
                     await self.room.park(agent)
-                if not slot.to_park:
-                    await self.room.close_if_unused(slot)
             finally:
                 if not slot.to_park:
                     self.endings.release_held(slot)
@@ -381,6 +379,7 @@ class Scheduler:
         """
         moved = False
         queued = [a for a in slot.agents.values() if a.activity is Activity.QUEUED]
+        candidates: list[Agent] = []
         unseated: list[Agent] = []
         # Aging: while another model's job waits for a context (memory this model's context
         # may hold), this model admits nothing that came after it, so that its context can
@@ -392,26 +391,33 @@ class Scheduler:
             if job.cancelled:
                 self.endings.finish(agent, job, StopReason.CANCELLED)
                 moved = True
-                continue
-            if first_waiting is not None and job.timings.submitted > first_waiting:
-                continue
+            elif first_waiting is None or job.timings.submitted <= first_waiting:
+                candidates.append(agent)
+        # Tokenizing, then starting the replies, are each one batch of engine calls run back
+        # to back: one round trip to the engine thread per job costs a few hundred
+        # microseconds, tens of milliseconds for a burst of 64 requests.
+        tokenized = await self._each(candidates, self._tokenize)
+        moved = moved or len(tokenized) < len(candidates)
+        seated: list[Agent] = []
+        for agent in tokenized:
+            job = agent.jobs[0]
             try:
-                if job.conversation is None:
-                    job.conversation = await tokenize(self.worker, agent, job)
-                if not await self.room.make_resident(agent, job):
-                    unseated.append(agent)
-                    if slot.stream_cells and slot.stream_cells < self.room.need(agent, job):
-                        break  # it waits for the streams to grow: so do the jobs after it
+                if await self.room.make_resident(agent, job):
+                    # Running from here: the agents seated after it cannot take its sequence.
+                    agent.do(Activity.RUNNING)
+                    seated.append(agent)
                     continue
-                await begin(self.worker, agent, job)
             except LmxdError as exc:
                 self.endings.fail(agent, job, exc)
                 moved = True
                 continue
-            agent.do(Activity.RUNNING)
-            job.timings.admitted = time.perf_counter()
+            unseated.append(agent)
+            if slot.stream_cells and slot.stream_cells < self.room.need(agent, job):
+                break  # it waits for the streams to grow: so do the jobs after it
+        for agent in await self._each(seated, lambda a: begin(self.worker, a, a.jobs[0])):
+            agent.jobs[0].timings.admitted = time.perf_counter()
             slot.last_used = time.monotonic()
-            moved = True
+        moved = moved or bool(seated)
         running = any(a.activity is Activity.RUNNING for a in self.agents.values())
         others = any(
             a.activity is Activity.QUEUED
@@ -424,6 +430,27 @@ class Scheduler:
                 self.endings.fail(agent, agent.jobs[0], self._no_room(slot))
             moved = True
         return moved
+
+    async def _tokenize(self, agent: Agent) -> None:
+        job = agent.jobs[0]
+        if job.conversation is None:
+            job.conversation = await tokenize(self.worker, agent, job)
+
+    async def _each(
+        self, agents: list[Agent], call: Callable[[Agent], Awaitable[None]]
+    ) -> list[Agent]:
+        """``call`` for every agent at once (the engine runs them in order, back to back);
+        the agents it succeeded for. One that raised an LmxdError has its job failed."""
+        outcomes = await asyncio.gather(*(call(a) for a in agents), return_exceptions=True)
+        done = []
+        for agent, outcome in zip(agents, outcomes, strict=True):
+            if isinstance(outcome, LmxdError):
+                self.endings.fail(agent, agent.jobs[0], outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                done.append(agent)
+        return done
 
     async def _step(self, slot: ModelSlot, active: list[Agent]) -> None:
         """One slice of steps for ``active`` on the engine thread, then its outcome applied."""

@@ -6,6 +6,11 @@ agent (its state goes to host RAM and its cells are freed); for a context that d
 yet, reserve it in the ledger, closing other models' contexts whose agents are all idle (least
 recently used first) until it fits. Each park is one structured log line.
 
+A context stays open when its agents are all parked (its streams empty, its memory still
+reserved) until another model needs the room, its streams must grow, or its model unloads:
+opening one takes tens of milliseconds (36 ms for the Llama-3.2-1B shape on the H200), which
+an agent coming back would otherwise wait for on top of its restore.
+
 Write-ahead: while the engine has nothing to do, idle agents that may be parked soon have
 their KV copied to host RAM ahead of need (:meth:`Residency.write_ahead`); parking one of them
 later is only freeing its cells, so the job that needs its sequence does not wait for a copy.
@@ -13,12 +18,12 @@ The copy goes when the agent's next job starts, and copies make way when a park 
 budget.
 
 KV by use, not by promise: each sequence has a KV stream of its own, sized for what the
-model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx),
-rounded up to a power of two; the ledger charges that. 96 agents at n_ctx 4,096 would need
-about 12 GiB of KV for the Llama-3.2-1B shape if each were charged its n_ctx; turns of 128
-tokens need 256-cell streams, 1/16 of it. A job that needs more than the stream waits until
-no agent of the model is decoding, and the context is reopened larger (the others parked and
-restored as they come back); an agent that reaches its n_ctx still gets it.
+model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx)
+and a quarter more, rounded up to a power of two; the ledger charges that. 96 agents at n_ctx
+4,096 would need about 12 GiB of KV for the Llama-3.2-1B shape if each were charged its n_ctx;
+turns of 128 tokens need 256-cell streams, 1/16 of it. A job that needs more than the stream
+waits until no agent of the model is decoding, and the context is reopened larger (the others
+parked and restored as they come back); an agent that reaches its n_ctx still gets it.
 """
 
 from __future__ import annotations
@@ -179,11 +184,6 @@ class Residency:
             (time.perf_counter() - t0) * 1000,
         )
 
-    async def close_if_unused(self, slot: ModelSlot) -> None:
-        """Free ``slot``'s context once every agent is idle and none is resident."""
-        if slot.context is not None and slot.all_idle and not slot.residents():
-            await self.close_context(slot)
-
     async def close_context(self, slot: ModelSlot, job: Job | None = None) -> None:
         """Park every resident agent of ``slot`` (all idle), then free its context."""
         for agent in slot.residents():
@@ -336,15 +336,16 @@ class Residency:
     @staticmethod
     def _stream(slot: ModelSlot, need: int) -> int:
         """Cells per stream for a context opened now: what the neediest agent needs (``need``
-        for the job at hand, others' tokenized jobs, the KV of the rest), rounded up to a
-        power of two so that growing conversations reopen the context rarely; at most the
-        largest n_ctx among the model's agents."""
+        for the job at hand, others' tokenized jobs, the KV of the rest) and a quarter more,
+        rounded up to a power of two, so that growing conversations reopen the context
+        rarely (a conversation just under a power of two would otherwise reopen it within a
+        few turns); at most the largest n_ctx among the model's agents."""
         for a in slot.agents.values():
             job = a.jobs[0] if a.jobs else None
             held = job.need(a.n_ctx) if job is not None and job.conversation else a.kv_tokens
             need = max(need, held)
         stream = KV_PAD
-        while stream < need:
+        while stream < need + need // 4:
             stream *= 2
         return min(stream, max(a.n_ctx for a in slot.agents.values()))
 
