@@ -11,13 +11,14 @@
 # and forks; 2, throughput; 3, density; 4, the memory table and the article's experiment;
 # 5, where a step's host time goes (scripts/profile_step.py); 6, the same through the daemon
 # (scripts/profile_daemon.py, under py-spy when its wheel is carried); 0, the CUDA build packed
-# into $OUT, to be carried next time in .device-carry. Each part's results land in
+# into $OUT, to be carried next time as .device-carry/llama-cuda.tar.xz (a machine that has
+# it skips the build). Each part's results land in
 # $OUT as a tarball as soon as it ends.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: gpu-run.sh PART..." >&2; exit 2; }
 # A CUDA build brought back by an earlier call (part 0) saves the 4-5 minute build.
-if ls .device-carry/llama-cuda.tar.xz.part-* >/dev/null 2>&1 && [ ! -d /tmp/site/llama_cpp ]; then
-  mkdir -p /tmp/site && cat .device-carry/llama-cuda.tar.xz.part-* | tar -C /tmp/site -xJf -
+if [ -f .device-carry/llama-cuda.tar.xz ] && [ ! -d /tmp/site/llama_cpp ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-carry/llama-cuda.tar.xz
 fi
 source .device/setup.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .device-carry/py_spy-*.whl 2>/dev/null \
@@ -59,10 +60,14 @@ for part in "$@"; do
   6)
     python3 scripts/profile_daemon.py "$out" synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile-daemon.txt"
     ;;
-  0)  # the CUDA build, packed for carrying in .device-carry (files back are 16 MiB at most)
-    tar -C /tmp/site -cf - llama_cpp $(cd /tmp/site && ls -d llama_cpp_python-*.dist-info) \
-      | xz -T0 -6 | split -b 15M - "$OUT/llama-cuda.tar.xz.part-"
-    ls -la "$OUT"
+  0)  # the CUDA build for .device-carry/llama-cuda.tar.xz (cat the parts): pip copied each
+      # library's symlinks as files, three copies of 43 MB; links again, it packs to 22 MB
+    rm -rf /tmp/pack && mkdir /tmp/pack && cp -a /tmp/site/llama_cpp /tmp/site/llama_cpp_python-*.dist-info /tmp/pack/
+    (cd /tmp/pack/llama_cpp/lib && for f in *.so *.so.*; do
+       full=$(ls "${f%%.so*}".so.*.* 2>/dev/null | head -1)
+       [ -n "$full" ] && [ "$f" != "$full" ] && cmp -s "$f" "$full" && ln -sf "$full" "$f"
+     done)
+    tar -C /tmp/pack -cf - . | xz -T0 -9 | split -b 15M - "$OUT/llama-cuda.tar.xz.part-"
     continue
     ;;
   esac
