@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmxd.engine import stepper
 from lmxd.engine.draw import Draw, best, chances, draw, group_maxima
 from lmxd.engine.sampling import SamplingParams
 
@@ -85,3 +86,16 @@ def test_rows_with_different_settings_are_drawn_together_and_a_seed_repeats() ->
     five = set(np.argsort(-logits[2])[:5].tolist())
     assert {d[2] for d in first} <= five and len({d[2] for d in first}) > 1
     assert len({d[0] for d in first}) > 1  # temperature 0.8 over 40 near-equal logits
+
+
+@pytest.mark.parametrize("n_rows", [1, 5, 9, 33, 64])
+def test_a_step_split_over_threads_gives_what_one_pass_gives(
+    n_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stepper splits a step's rows over threads once they hold enough logits (from 9
+    rows of a 128,256-token vocabulary; up to 8 shares, as on a 16-core machine): the argmax
+    and the groups' maxima come out the same, in row order."""
+    monkeypatch.setattr(stepper, "_ARGMAX_THREADS", 8)
+    logits = np.random.default_rng(n_rows).standard_normal((n_rows, 128256), dtype=np.float32)
+    assert np.array_equal(stepper._by_rows(stepper._row_argmax, logits), logits.argmax(axis=1))
+    assert np.array_equal(stepper._by_rows(group_maxima, logits), group_maxima(logits))

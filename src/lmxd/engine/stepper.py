@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -166,19 +167,23 @@ class _Work:
         return Reply(text, spelled, self.n_tokens, self.logprobs, self.stop_reason)
 
 
-def _row_argmax(logits: npt.NDArray[np.float32]) -> list[int]:
-    return logits.argmax(axis=1).tolist()  # type: ignore[no-any-return]
-
-
-def _by_rows(fn: Callable[[slice], list[int]], n_rows: int, n_logits: int) -> list[int]:
-    """``fn`` over slices of a step's logits rows, one per thread of the pool when there are
-    enough logits to be worth it; the tokens, in row order."""
-    shares = min(_ARGMAX_THREADS, n_logits // _ARGMAX_SPLIT, n_rows)
+def _by_rows(
+    fn: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]], logits: npt.NDArray[np.float32]
+) -> npt.NDArray[Any]:
+    """``fn`` over a step's logits rows, split into slices of rows, one per thread of the
+    pool, when there are enough logits to be worth it; its results, in row order. ``fn``
+    must be one numpy pass that lets go of the GIL: work that holds it only queues up."""
+    n_rows = len(logits)
+    shares = min(_ARGMAX_THREADS, logits.size // _ARGMAX_SPLIT, n_rows)
     if shares <= 1:
-        return fn(slice(0, n_rows))
+        return fn(logits)
     bounds = np.linspace(0, n_rows, shares + 1).astype(int).tolist()
-    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-    return [t for part in _argmax_pool.map(fn, parts) for t in part]
+    parts = [logits[a:b] for a, b in itertools.pairwise(bounds)]
+    return np.concatenate(list(_argmax_pool.map(fn, parts)))
+
+
+def _row_argmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.intp]:
+    return logits.argmax(axis=1)  # type: ignore[no-any-return]
 
 
 class Stepper:
@@ -351,16 +356,14 @@ class Stepper:
         picked: dict[int, int] = {}
         if greedy:
             rows = logits if len(greedy) == len(due) else logits[greedy]
-            best = _by_rows(lambda part: _row_argmax(rows[part]), len(rows), rows.size)
-            picked.update(zip(greedy, best, strict=True))
+            picked.update(zip(greedy, _by_rows(_row_argmax, rows).tolist(), strict=True))
         if drawn:
             some = logits if len(drawn) == len(due) else logits[drawn]
             draws = [w.draw for w in (due[k] for k in drawn) if w.draw is not None]
-
-            def draw_part(part: slice) -> list[int]:
-                return draw(some[part], group_maxima(some[part]), draws[part])
-
-            picked.update(zip(drawn, _by_rows(draw_part, len(some), some.size), strict=True))
+            # Only the pass over the whole vocabulary is split over threads: the draw from
+            # the groups' best is many small numpy calls, which hold the GIL.
+            tokens = draw(some, _by_rows(group_maxima, some), draws)
+            picked.update(zip(drawn, tokens, strict=True))
         return picked
 
     def _accept(self, w: _Work, token: int, row: int, report: SeqReport) -> Piece | None:
