@@ -56,6 +56,7 @@ for part in "$@"; do
     ;;
   5)
     python3 scripts/profile_step.py synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile.txt"
+    python3 scripts/profile_step.py synth-llama3.2-1b --hot 16 64 2>&1 | tee "$out/profile-hot.txt"
     ;;
   6)
     python3 scripts/profile_daemon.py "$out" synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile-daemon.txt"
