@@ -50,3 +50,15 @@ def test_a_state_that_grew_a_little_finds_its_buffer_again() -> None:
     tight = KvStore(budget=4 * MiB)  # no room for the quarter more: the size asked for
     exact = tight.allocate(4 * MiB)
     assert exact is not None and len(exact) == 4 * MiB
+
+
+def test_trim_gives_every_kept_buffer_back() -> None:
+    store = KvStore(budget=64 * MiB)
+    kept = [store.allocate(4 * MiB), store.allocate(8 * MiB)]
+    in_use = store.allocate(2 * MiB)
+    for buffer in kept:
+        assert buffer is not None
+        store.release(buffer)
+    store.trim()
+    assert store.used == len(in_use or b"")
+    assert store.allocate(4 * MiB) is not kept[0]  # a new buffer: the kept one is gone

@@ -161,3 +161,15 @@ def test_fits_answers_as_if_the_ignored_were_released() -> None:
     assert isinstance(denial, Denial) and denial.reclaimable == 6 * GiB
     assert denial.free == 9 * GiB and "6.00 GiB of it idle" in denial.message()
     assert ledger.fits(Request("x", {"kv": 4 * GiB}), ignoring=(*shared, *other)) is None
+
+
+def test_unaccounted_bytes_count_for_admission_and_show_by_owner() -> None:
+    ledger = Ledger(cap=8 * GiB)
+    assert ledger.try_reserve(Request("model:m", {"weights": 5 * GiB})) is not None
+    ledger.set_unaccounted(2 * GiB)
+    assert ledger.reserved == 7 * GiB and ledger.snapshot()["unaccounted"] == 2 * GiB
+    denial = ledger.try_reserve(Request("context:m", {"kv": 2 * GiB}))
+    assert isinstance(denial, Denial) and denial.reserved == 7 * GiB
+    ledger.set_unaccounted(0)  # the device gave it back
+    assert not isinstance(ledger.try_reserve(Request("context:m", {"kv": 2 * GiB})), Denial)
+    assert "unaccounted" not in ledger.snapshot()

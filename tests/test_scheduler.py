@@ -18,10 +18,11 @@ import pytest
 from fake_worker import REFUSED, FakeWorker
 
 from lmxd.engine.sampling import SamplingParams
-from lmxd.errors import Busy, InvalidInput
+from lmxd.errors import Busy, InvalidInput, LedgerDenied
 from lmxd.kvstore import KvStore
 from lmxd.memory.estimator import Backend
 from lmxd.memory.ledger import Ledger
+from lmxd.memory.reconcile import Reconciler
 from lmxd.modelfile import ModelInfo, read_model_info
 from lmxd.results import DecodeResult, StopReason
 from lmxd.scheduler import (
@@ -49,15 +50,21 @@ def run(
     keep_alive_s: float = 300.0,
     max_queue: int = 64,
     park_after_decode: bool = False,
+    unaccounted: int | None = None,  # a device that holds this much beyond the ledger
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
+        ledger = Ledger(cap)
         room = Residency(
             worker,
-            Ledger(cap),
+            ledger,
             KvStore(park_budget),
             ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
         )
+        reconciler = None
+        if unaccounted is not None:
+            extra = unaccounted
+            reconciler = Reconciler(ledger, lambda: ledger.reserved - ledger.unaccounted + extra)
         config = SchedulerConfig(
             models_dir,
             (models_dir,),
@@ -65,7 +72,7 @@ def run(
             keep_alive_s=keep_alive_s,
             park_after_decode=park_after_decode,
         )
-        scheduler = Scheduler(worker, room, config)
+        scheduler = Scheduler(worker, room, config, reconciler)
         loop = asyncio.create_task(scheduler.run())
         try:
             return await asyncio.wait_for(test(scheduler, worker), 20)
@@ -76,7 +83,7 @@ def run(
 
 
 async def register(s: Scheduler, agent: str, model: str = "smollm2-135m", n_ctx: int = 512) -> None:
-    await s.register(agent, model, n_ctx, SamplingParams(), None)
+    await s.register(agent, model, n_ctx, SamplingParams(), None, 0)
 
 
 async def decode(s: Scheduler, agent: str, max_tokens: int = 8) -> DecodeResult:
@@ -313,8 +320,40 @@ def test_a_context_stays_open_while_its_agents_are_parked(models_dir: Path) -> N
     run(models_dir, test, park_after_decode=True)
 
 
+@pytest.mark.parametrize("unaccounted", [0, 4 * GiB])
+def test_what_the_device_holds_beyond_the_ledger_counts_for_admission(
+    models_dir: Path, unaccounted: int
+) -> None:
+    """Before each admission the device's figure is read: what it holds beyond the
+    reservations is charged to ``unaccounted``, and models whose weights and contexts fit in
+    what the reservations leave, but not in what the device leaves, are refused."""
+    smol = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gemma = read_model_info(models_dir / "gemma-3-270m-q4_k_m.gguf")
+    probe = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    need = sum(
+        probe.weights_request(i.path.stem, i).bytes + probe.context_request("m", i, 256, 1).bytes
+        for i in (smol, gemma)
+    )
+
+    async def test(s: Scheduler, w: FakeWorker) -> str | None:
+        try:
+            await register(s, "a", n_ctx=256)
+            await decode(s, "a")
+            await register(s, "g", "gemma3-270m", n_ctx=256)
+            await decode(s, "g")
+            return None
+        except LedgerDenied as exc:
+            return str(exc.details["reason"])
+        finally:
+            assert s.ledger.unaccounted == unaccounted
+            assert s.ledger.snapshot().get("unaccounted", 0) == unaccounted
+
+    refused = run(models_dir, test, cap=need + GiB, max_seqs=1, unaccounted=unaccounted)
+    assert refused == (None if unaccounted == 0 else "CAP")
+
+
 def test_an_agents_two_states_move_only_along_their_tables() -> None:
-    agent = Agent("a", None, 512, SamplingParams(), None)  # type: ignore[arg-type]
+    agent = Agent("a", None, 512, SamplingParams(), None, 0)  # type: ignore[arg-type]
     assert agent.state == "empty"
     with pytest.raises(RuntimeError):
         agent.place(Memory.PARKED)  # parked without ever being resident
@@ -343,7 +382,7 @@ def test_kv_is_charged_by_use_and_grows_when_a_conversation_needs_more(models_di
 
     async def test(s: Scheduler, w: FakeWorker) -> None:
         for name in ("a", "b"):
-            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None, 0)
         await asyncio.gather(decode(s, "a", 100), decode(s, "b", 100))
         slot = s.agents["a"].slot
         assert slot.stream_cells == 256 and slot.pool_cells == 512
@@ -364,7 +403,7 @@ def test_kv_is_charged_by_use_and_grows_when_a_conversation_needs_more(models_di
 def test_a_job_that_needs_a_larger_stream_waits_for_the_decoding_ones(models_dir: Path) -> None:
     async def test(s: Scheduler, w: FakeWorker) -> None:
         for name in ("a", "b"):
-            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None, 0)
         await decode(s, "b", 4)
         running = s.submit(DecodeRequest("a", TextPrompt(" go"), 150))
         await asyncio.sleep(0.01)
@@ -389,7 +428,7 @@ def test_many_agents_fit_where_their_full_n_ctx_would_not(models_dir: Path) -> N
     async def test(s: Scheduler, w: FakeWorker) -> list[DecodeResult]:
         names = [f"a{i}" for i in range(64)]
         for name in names:
-            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None, 0)
         return await asyncio.gather(*(decode(s, n, 64) for n in names))
 
     results = run(models_dir, test, cap=cap, max_seqs=64)
@@ -409,7 +448,7 @@ def test_a_job_waiting_for_larger_streams_is_not_overtaken_by_busy_agents(
 
     async def test(s: Scheduler, w: FakeWorker) -> None:
         for name in ("a", "b", "c"):
-            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None, 0)
         await asyncio.gather(*(decode(s, n, 4) for n in ("a", "b", "c")))
         stop = asyncio.Event()
         clients = [asyncio.create_task(busy_client(s, n, stop)) for n in ("a", "b")]
@@ -448,7 +487,7 @@ def test_a_parked_agent_comes_back_whole_when_its_conversation_is_sent_again_sho
 ) -> None:
     async def test(s: Scheduler, w: FakeWorker) -> None:
         for name in ("a", "b"):
-            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None)
+            await s.register(name, "smollm2-135m", 4096, SamplingParams(), None, 0)
         await s.submit(DecodeRequest("a", TextPrompt(" x" * 400), 100)).done  # 900 in KV
         await s.submit(DecodeRequest("b", TextPrompt(" y" * 400), 100)).done  # a parked
         assert s.agents["a"].state == "parked"

@@ -24,9 +24,10 @@ from lmxd.fronts.http import HttpConfig, check_exposure
 from lmxd.fronts.http.app import HttpFront
 from lmxd.fronts.unix import Connection, Front, UnixServer
 from lmxd.kvstore import KvStore
-from lmxd.memory.device import ledger_cap, probe_device
+from lmxd.memory.device import NvmlMeter, ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.ledger import Denial, Ledger, Request
+from lmxd.memory.reconcile import Reconciler
 from lmxd.scheduler import Scheduler, SchedulerConfig
 from lmxd.scheduler.residency import Residency, ResidencyConfig
 from lmxd.service import Limits, Service
@@ -40,6 +41,8 @@ class DaemonConfig:
     socket: Path
     models_dir: Path
     allowed_dirs: tuple[Path, ...]
+    socket_mode: int = 0o600  # who may connect: only the daemon's user, unless shared on purpose
+    socket_group: int | None = None  # the socket's group (a gid), for a mode such as 0o660
     vram_cap_percent: float = 90.0
     vram_limit: str | None = None  # "8GiB": behave as a card of that size
     park_budget: int = 8 << 30  # host RAM for parked state
@@ -53,7 +56,8 @@ class DaemonConfig:
     http: HttpConfig | None = field(default_factory=HttpConfig)  # None: no HTTP front
     auto_agents: int = 8  # auto-agents per model for HTTP requests that name a model
     auto_agent_ttl_s: float = 600.0
-    stream_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
+    # A client that reads nothing this long: its stream is cancelled, its socket closed.
+    stream_timeout_s: float = 30.0
 
 
 def claim_socket(path: Path) -> None:
@@ -115,6 +119,9 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
         store,
         ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
     )
+    # On a GPU the device's own figure is read after every slice, and what it holds beyond the
+    # ledger is charged to the ledger (lmxd.memory.reconcile).
+    reconciler = Reconciler(ledger, NvmlMeter(device.index)) if backend is Backend.CUDA else None
     scheduler = Scheduler(
         worker,
         room,
@@ -126,6 +133,7 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
             park_after_decode=config.park_after_decode,
             stream_timeout_s=config.stream_timeout_s,
         ),
+        reconciler,
     )
     limits = Limits(
         config.max_queue,
@@ -149,12 +157,15 @@ async def run(config: DaemonConfig) -> None:
     http = HttpFront(service, config.http) if config.http is not None else None
     if http is not None:
         service.http_url = await http.start()
-    server = UnixServer(_fronts(service))
+    server = UnixServer(_fronts(service), config.stream_timeout_s)
     old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
     try:
         await server.start(config.socket)
     finally:
         os.umask(old_umask)
+    if config.socket_group is not None:
+        os.chown(config.socket, -1, config.socket_group)
+    os.chmod(config.socket, config.socket_mode)  # shared on purpose (--socket-mode): now
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

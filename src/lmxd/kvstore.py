@@ -154,6 +154,13 @@ class KvStore:
             self._idle.setdefault(size, []).append(buffer)
             self._idle_bytes += size
 
+    def trim(self) -> None:
+        """Give every buffer kept for reuse back to the system (the last agent has gone: the
+        daemon's memory returns to where it was before the agents came)."""
+        with self._lock:
+            while self._idle_bytes:
+                self._release_one()
+
     def _new(self, size: int) -> HostBuffer | None:
         if self._want_pinned and self.pinned is None:
             self._want_pinned = False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import numpy as np
 
 from lmxd.errors import BadJson, BadUtf8, LineTooLong, LmxdError, ProtocolError, UnknownOp
 
@@ -26,18 +27,20 @@ AGENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _AGENT_ID = re.compile(AGENT_ID)
 
 AgentId = Annotated[str, msgspec.Meta(pattern=AGENT_ID)]
+INT32_MAX = (1 << 31) - 1  # counts of tokens: llama.cpp's are 32-bit
 RequestId = int | str
 
 
 class Sampling(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Sampling overrides; absent fields take the agent's defaults, then greedy."""
+    """Sampling overrides; absent fields take the agent's defaults, then greedy. A field is
+    a number or absent: ``null`` is refused, as the docs say."""
 
-    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    seed: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | msgspec.UnsetType = msgspec.UNSET
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | msgspec.UnsetType = msgspec.UNSET
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
+    seed: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,7 +59,7 @@ class Hello(_Op, tag="HELLO"):
 class Register(_Op, tag="REGISTER"):
     agent: AgentId
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-    n_ctx: Annotated[int, msgspec.Meta(gt=0)] = 4096
+    n_ctx: Annotated[int, msgspec.Meta(gt=0, le=INT32_MAX)] = 4096
     sampling: Sampling | None = None
     system_prompt: str | None = None
 
@@ -64,8 +67,8 @@ class Register(_Op, tag="REGISTER"):
 class Decode(_Op, tag="DECODE"):
     agent: AgentId
     prompt: str | None = None
-    messages: list[Message] | None = None
-    max_tokens: Annotated[int, msgspec.Meta(gt=0)] = 256
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(gt=0, le=INT32_MAX)] = 256
     sampling: Sampling | None = None
     stop: list[str] = []
     stream: bool = False
@@ -122,23 +125,35 @@ _encoder = msgspec.json.Encoder()
 def parse_request(line: bytes) -> Request:
     """One frame to a typed request; every defect is a :class:`ProtocolError` with a code.
 
-    The request id, when one can be read, is in the error's details so the reply can carry it.
+    The request id, when one can be read, is in the error's details so the reply can carry it:
+    from a frame that is not JSON, or is nested too deeply to decode, only when ``id`` is its
+    first key (:func:`leading_id`).
     """
     if len(line) > MAX_LINE_BYTES:
         raise LineTooLong(f"a frame is at most {MAX_LINE_BYTES} bytes, got {len(line)}")
+    if not line.strip():
+        raise BadJson("an empty line is not a frame: send one JSON object per line")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadUtf8(f"frames are UTF-8: invalid byte at offset {exc.start}") from exc
+        raise BadUtf8(
+            f"frames are UTF-8: invalid byte at offset {exc.start}", id=leading_id(line)
+        ) from exc
+    if too_deep(line):
+        raise ProtocolError(
+            f"a frame nests at most {MAX_NESTING} objects and arrays", id=leading_id(line)
+        )
     try:
         raw = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
-        raise BadJson(f"not JSON: {exc}") from exc
+        raise BadJson(f"not JSON: {exc}", id=leading_id(line)) from exc
     if not isinstance(raw, dict):
         raise BadJson("a frame is one JSON object")
     rid = raw.get("id")
     rid = rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None
-    op = raw.get("op")
+    if "op" not in raw:
+        raise ProtocolError(f"a frame needs an `op`; ops: {', '.join(OPS)}", id=rid)
+    op = raw["op"]
     if op not in OPS:
         raise UnknownOp(f"unknown op {op!r}; ops: {', '.join(OPS)}", id=rid, op=op)
     try:
@@ -148,6 +163,36 @@ def parse_request(line: bytes) -> Request:
     if isinstance(request, Decode) and (request.prompt is None) == (request.messages is None):
         raise ProtocolError("DECODE takes exactly one of `prompt` and `messages`", id=rid)
     return request
+
+
+MAX_NESTING = 32  # objects and arrays inside one another; the deepest valid frame has 4
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,128}")\s*[,}]')
+
+
+def too_deep(line: bytes) -> bool:
+    """Whether the frame's objects and arrays nest more than MAX_NESTING deep (brackets inside
+    strings aside), found without decoding it: decoding a deep enough frame exhausts the
+    stack."""
+    brackets = _STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_NESTING:
+        return False
+    codes = np.frombuffer(brackets, np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max()) > MAX_NESTING
+
+
+def leading_id(line: bytes) -> RequestId | None:
+    """The id of a frame that cannot be decoded, if ``id`` is its first key."""
+    match = _LEADING_ID.match(line)
+    if match is None:
+        return None
+    try:
+        value = msgspec.json.decode(match.group(1))
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, int | str) else None
 
 
 SOCKET_ENV = "LMXD_SOCKET"

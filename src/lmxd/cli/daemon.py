@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 from pathlib import Path
 
@@ -20,6 +21,18 @@ from lmxd.units import parse_bytes
     type=click.Path(path_type=Path),
     default=None,
     help="Unix socket (default: $XDG_RUNTIME_DIR/lmxd.sock, else /tmp/lmxd-$UID.sock).",
+)
+@click.option(
+    "--socket-mode",
+    default="0600",
+    show_default=True,
+    help="The socket's permissions, in octal: 0660 with --socket-group shares it with a "
+    "group, 0666 with every local user. Each user's agents stay their own.",
+)
+@click.option(
+    "--socket-group",
+    default=None,
+    help="The socket's group (a name or a gid), for a --socket-mode such as 0660.",
 )
 @click.option(
     "--models-dir",
@@ -75,7 +88,8 @@ from lmxd.units import parse_bytes
 @click.option(
     "--park-after-decode",
     is_flag=True,
-    help="Testing: park every agent as soon as its DECODE ends.",
+    help="Testing: park every agent as soon as its DECODE ends (a park the --park-budget "
+    "cannot hold is skipped, with a warning in the log).",
 )
 @click.option(
     "--deterministic",
@@ -125,7 +139,8 @@ from lmxd.units import parse_bytes
     default=30.0,
     show_default=True,
     help="Seconds a streamed reply may wait, its buffer full, for a client that reads nothing "
-    "before it is cancelled.",
+    "before it is cancelled; a socket client whose replies wait unread this long is "
+    "disconnected.",
 )
 @click.option(
     "--max-seqs",
@@ -136,6 +151,8 @@ from lmxd.units import parse_bytes
 )
 def serve(
     socket_path: Path | None,
+    socket_mode: str,
+    socket_group: str | None,
     models_dir: Path | None,
     allow_dirs: tuple[Path, ...],
     vram_cap_percent: float,
@@ -163,6 +180,8 @@ def serve(
     directory = catalog.models_dir(models_dir)
     config = DaemonConfig(
         socket=socket_path or protocol.default_socket_path(),
+        socket_mode=_socket_mode(socket_mode),
+        socket_group=None if socket_group is None else _group_id(socket_group),
         models_dir=directory,
         allowed_dirs=(directory, *allow_dirs),
         vram_cap_percent=vram_cap_percent,
@@ -181,3 +200,26 @@ def serve(
         stream_timeout_s=stream_timeout,
     )
     run_daemon(config)
+
+
+def _socket_mode(text: str) -> int:
+    """An octal mode that lets the daemon's own user read and write, and no one execute."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an octal mode such as 0660") from None
+    if mode & ~0o666 or mode & 0o600 != 0o600:
+        raise click.BadParameter(
+            f"{text!r}: a socket mode gives its owner read and write (0600) and no one "
+            "execute, e.g. 0600, 0660 or 0666"
+        )
+    return mode
+
+
+def _group_id(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group named {text!r}") from None

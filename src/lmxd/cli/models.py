@@ -188,17 +188,20 @@ def bench_memory(
     )
 
 
+out_option = click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-out"),
+    show_default=True,
+    help="Directory for the JSON (and the PNGs `lmxd bench charts` draws from it).",
+)
+
+
 def _bench_command(name: str, doc: str) -> None:
     """`lmxd bench NAME`: runs lmxd.bench.NAME.run(models_dir, out)."""
 
     @bench.command(name=name, help=doc)
-    @click.option(
-        "--out",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("bench-out"),
-        show_default=True,
-        help="Directory for the JSON and PNG.",
-    )
+    @out_option
     @models_dir_option
     def command(out: Path, models_dir: Path | None) -> None:
         import importlib
@@ -220,6 +223,25 @@ for _name, _doc in (
     ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
 ):
     _bench_command(_name, _doc)
+
+
+@bench.command(name="soak")
+@out_option
+@click.option(
+    "--minutes",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="How long the clients run.",
+)
+@models_dir_option
+def bench_soak(out: Path, minutes: float, models_dir: Path | None) -> None:
+    """32 clients doing everything at random (register, decode, stream, cancel, disconnect,
+    reset, unregister), then the books: errors by code, restarts, ledger and RSS."""
+    from lmxd.bench import soak
+
+    soak.run(catalog.models_dir(models_dir), out, minutes)
+    console.print(f"wrote {out}/soak.json")
 
 
 @bench.command(name="charts")

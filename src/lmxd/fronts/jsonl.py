@@ -1,6 +1,7 @@
 """The JSON-lines front: frames of docs/protocol.md in, Service calls, frames out.
 
-A connection may have several requests in flight; each runs as its own task and writes its
+A connection may have several requests in flight (at most :data:`MAX_IN_FLIGHT`; past it the
+front reads no more of its lines until one ends); each runs as its own task and writes its
 reply when done, so a slow DECODE never holds up a STATUS. When the client goes away, its
 DECODEs are cancelled at their next token.
 """
@@ -20,6 +21,8 @@ from lmxd.service import ChatTurn, DecodeRequest, DecodeStream, Service, TextPro
 
 log = logging.getLogger("lmxd.fronts.jsonl")
 
+MAX_IN_FLIGHT = 256  # requests of one connection being served or waiting to send their reply
+
 
 class JsonLines:
     """One connection speaking JSON lines."""
@@ -35,8 +38,12 @@ class JsonLines:
             async for line in self.conn.lines(first):
                 if isinstance(line, LineTooLong):
                     await self.conn.send(protocol.error(None, line))
-                elif line.strip():
-                    self._spawn(self._handle(line))
+                    continue
+                self._spawn(self._handle(line))
+                if len(self._tasks) >= MAX_IN_FLIGHT:
+                    # Read no more until one ends: a client that sends and never reads
+                    # holds at most this many replies in the daemon, not all it sent.
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # The client is gone (or the daemon is stopping): its DECODEs stop, then its tasks.
             for stream in self._streams.values():
@@ -80,16 +87,18 @@ class JsonLines:
                 sampling = protocol.to_builtins(req.sampling) if req.sampling else None
                 # Shielded: a client that leaves mid-REGISTER must not cut a model load in half.
                 got = await asyncio.shield(
-                    svc.register(req.agent, req.model, req.n_ctx, sampling, req.system_prompt)
+                    svc.register(
+                        req.agent, req.model, req.n_ctx, sampling, req.system_prompt, self.conn.uid
+                    )
                 )
                 await send(protocol.ok(req.id, **protocol.to_builtins(got)))
             case protocol.Decode():
                 await self._decode(req)
             case protocol.Reset():
-                await asyncio.shield(svc.reset(req.agent))
+                await asyncio.shield(svc.reset(req.agent, self.conn.uid))
                 await send(protocol.ok(req.id, agent=req.agent))
             case protocol.Unregister():
-                await asyncio.shield(svc.unregister(req.agent))
+                await asyncio.shield(svc.unregister(req.agent, self.conn.uid))
                 await send(protocol.ok(req.id, agent=req.agent))
             case protocol.Cancel():
                 stream = self._streams.get(req.target)
@@ -118,7 +127,7 @@ class JsonLines:
             stops=tuple(req.stop),
             stream=req.stream,
         )
-        stream = self.service.decode(request)
+        stream = self.service.decode(request, self.conn.uid)
         self._streams[req.id] = stream
         try:
             async for piece in stream.pieces():

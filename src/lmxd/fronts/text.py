@@ -12,11 +12,14 @@ lines by the connection's first byte. The commands map onto the same Service cal
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from lmxd import protocol
 from lmxd.errors import LedgerDenied, LineTooLong, LmxdError, ProtocolError, UnknownOp
 from lmxd.fronts.unix import Connection
 from lmxd.service import DecodeRequest, Service, TextPrompt
+
+log = logging.getLogger("lmxd.fronts.text")
 
 SCHEMA = "lmx-daemon/1"
 HELP = [
@@ -38,7 +41,9 @@ def _err(exc: LmxdError) -> str:
     return f"ERR {exc.code} {' '.join(exc.message.split())}"
 
 
-async def _command(svc: Service, line: str) -> list[str]:
+async def _command(svc: Service, line: str, uid: int) -> list[str]:
+    if not line.strip():
+        raise ProtocolError("an empty command; send HELP")
     verb, _, rest = line.partition(" ")
     verb = verb.upper()
     if verb == "HELP":
@@ -47,15 +52,21 @@ async def _command(svc: Service, line: str) -> list[str]:
         agent, tab, path = rest.partition("\t")
         if not tab or not protocol.is_agent_id(agent) or not path.strip():
             raise ProtocolError("usage: REGISTER <agent_id>\\t<gguf path>")
-        got = await svc.register(agent, path.strip())
+        got = await svc.register(agent, path.strip(), caller=uid)
         return [f"OK registered agent={agent} model={got.model}"]
     if verb == "DECODE":
         parts = rest.split(" ", 2)
-        if len(parts) < 2 or not parts[1].isascii() or not parts[1].isdigit() or int(parts[1]) <= 0:
+        if (
+            len(parts) < 2
+            or not parts[1].isascii()
+            or not parts[1].isdigit()
+            or not 0 < int(parts[1]) <= protocol.INT32_MAX
+        ):
             raise ProtocolError("usage: DECODE <agent_id> <n_tokens> <prompt text>")
         agent, n_tokens = parts[0], int(parts[1])
         prompt = TextPrompt(parts[2] if len(parts) > 2 else "")
-        stream = svc.decode(DecodeRequest(agent=agent, prompt=prompt, max_tokens=n_tokens))
+        request = DecodeRequest(agent=agent, prompt=prompt, max_tokens=n_tokens)
+        stream = svc.decode(request, uid)
         result = await stream.result()
         return [
             f"OK schema={SCHEMA}",
@@ -72,7 +83,7 @@ async def _command(svc: Service, line: str) -> list[str]:
     if verb == "UNREGISTER":
         if not protocol.is_agent_id(rest.strip()):
             raise ProtocolError("usage: UNREGISTER <agent_id>")
-        await svc.unregister(rest.strip())
+        await svc.unregister(rest.strip(), uid)
         return [f"OK unregistered agent={rest.strip()}"]
     if verb == "STATUS":
         s = svc.status()
@@ -91,7 +102,7 @@ async def _command(svc: Service, line: str) -> list[str]:
             for a in agents
         ]
         return [*lines, f"OK agents={len(agents)}"]
-    raise UnknownOp(f"unknown command {verb!r}; send HELP")
+    raise UnknownOp(f"unknown command {verb[:64]!r}; send HELP")
 
 
 async def serve(service: Service, conn: Connection, first: bytes) -> None:
@@ -104,9 +115,7 @@ async def serve(service: Service, conn: Connection, first: bytes) -> None:
         except UnicodeDecodeError:
             await conn.send(b"ERR BAD_UTF8 commands are UTF-8\n")
             continue
-        if not text.strip():
-            continue
-        command = asyncio.ensure_future(_command(service, text))
+        command = asyncio.ensure_future(_command(service, text, conn.uid))
         # One command at a time, so nothing reads the socket meanwhile: watch for the client
         # leaving (end of stream) so that its DECODE stops instead of running to the end.
         try:
@@ -121,4 +130,7 @@ async def serve(service: Service, conn: Connection, first: bytes) -> None:
             lines = command.result()
         except LmxdError as exc:
             lines = [_err(exc)]
+        except Exception as exc:  # a bug: answer it, log it, keep serving
+            log.exception("internal error on text command %r", text[:200])
+            lines = [_err(LmxdError(f"internal error: {exc!r}"))]
         await conn.send(("\n".join(lines) + "\n").encode())

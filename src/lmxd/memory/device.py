@@ -68,6 +68,23 @@ def _probe_nvml(index: int, pid: int) -> DeviceInfo | None:
         pynvml.nvmlShutdown()
 
 
+class NvmlMeter:
+    """This process's bytes on GPU ``index``, as NVML counts them: NVML initialised once, so
+    that a reading costs one driver query (the scheduler reads it after every slice)."""
+
+    def __init__(self, index: int) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._pid = os.getpid()
+
+    def __call__(self) -> int:
+        processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        return sum(p.usedGpuMemory or 0 for p in processes if p.pid == self._pid)
+
+
 def _meminfo() -> dict[str, int]:
     out = {}
     for line in Path("/proc/meminfo").read_text().splitlines():

@@ -11,6 +11,11 @@ is already live adds a reference instead of bytes, and the bytes go when the las
 does. "Does not fit" is a value (:class:`Denial`), not an exception: the scheduler's
 park-and-retry loop reads better that way; :meth:`Denial.error` makes the exception for the
 boundary.
+
+What the device holds beyond every reservation (the CUDA backend's memory pools, cuBLAS
+workspaces: real memory no buffer size reports) is charged to the owner ``unaccounted`` by
+:class:`lmxd.memory.reconcile.Reconciler`, from the device's own figure; admission counts it
+like any other charge.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from lmxd.errors import InvalidInput, LedgerDenied
 from lmxd.units import format_bytes
 
 _MAX_BYTES = 2**62  # far above any card; rejects overflowed or corrupted sizes
+UNACCOUNTED = "unaccounted"  # the owner of the bytes the device holds beyond every reservation
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class Ledger:
         self._ids = itertools.count(1)
         self._charges: dict[str | int, _Charge] = {}  # by key, or by reservation id if unkeyed
         self._holder_charge: dict[int, str | int] = {}  # reservation id -> charge
+        self._unaccounted = 0
 
     @property
     def reserved(self) -> int:
@@ -109,7 +116,22 @@ class Ledger:
             return self._reserved()
 
     def _reserved(self) -> int:
-        return sum(c.bytes for c in self._charges.values())
+        return sum(c.bytes for c in self._charges.values()) + self._unaccounted
+
+    @property
+    def unaccounted(self) -> int:
+        """Bytes the device holds beyond every reservation, as last reconciled."""
+        with self._lock:
+            return self._unaccounted
+
+    def set_unaccounted(self, nbytes: int) -> None:
+        """Charge ``nbytes`` to ``unaccounted`` (replacing the last figure). It may take the
+        total past the cap: the device already holds it, and admission then refuses until
+        enough is released."""
+        if not 0 <= nbytes < _MAX_BYTES:
+            raise InvalidInput(f"bad unaccounted byte count: {nbytes}")
+        with self._lock:
+            self._unaccounted = nbytes
 
     def try_reserve(self, *requests: Request) -> tuple[Reservation, ...] | Denial:
         """Reserve all ``requests`` or none; a keyed request already live costs nothing new."""
@@ -181,4 +203,6 @@ class Ledger:
             out: dict[str, int] = {}
             for c in self._charges.values():
                 out[c.owner] = out.get(c.owner, 0) + c.bytes
+            if self._unaccounted:
+                out[UNACCOUNTED] = self._unaccounted
             return out

@@ -79,6 +79,7 @@ class Agent:
     n_ctx: int
     sampling: SamplingParams
     system_prompt: str | None
+    owner: int  # the uid that registered it: only it may decode, reset or unregister it
     memory: Memory = Memory.NONE
     activity: Activity = Activity.IDLE
     tokens: list[int] = field(default_factory=list)  # the conversation, in KV or to prefill

@@ -35,6 +35,7 @@ from lmxd.errors import (
 )
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
+from lmxd.memory.reconcile import Reconciler
 from lmxd.modelfile import read_model_info
 from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
@@ -65,11 +66,18 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, worker: Worker, room: Residency, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        room: Residency,
+        config: SchedulerConfig,
+        reconciler: Reconciler | None = None,  # the device's figure, read after every slice
+    ) -> None:
         self.worker = worker
         self.room = room
         self.ledger = room.ledger
         self.config = config
+        self.reconciler = reconciler
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -94,10 +102,12 @@ class Scheduler:
         n_ctx: int,
         sampling: SamplingParams,
         system_prompt: str | None,
+        owner: int,
     ) -> Agent:
         async with self._lock:
             if agent_id in self.agents:
                 raise AgentExists(f"agent {agent_id!r} is already registered", agent=agent_id)
+            self.reconcile()
             path = self.models.resolve(model)
             info = read_model_info(path)
             check_n_ctx(info, n_ctx)
@@ -121,10 +131,17 @@ class Scheduler:
             assert not isinstance(got, Denial)  # the charge is live: another handle is free
             slot.weights[agent_id] = got[0]
             self.models.cancel_unload(slot)
-            agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt)
+            agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt, owner)
             slot.agents[agent_id] = self.agents[agent_id] = agent
             log.info("register agent=%s model=%s n_ctx=%d", agent_id, slot.key, n_ctx)
             return agent
+
+    def reconcile(self) -> None:
+        """Read the device's figure and charge what it holds beyond the ledger (GPU only):
+        before every slice (so after the one before), before a REGISTER's admission, and
+        after an UNREGISTER (so that STATUS shows what it freed)."""
+        if self.reconciler is not None:
+            self.reconciler.reconcile()
 
     def submit(self, request: DecodeRequest) -> Job:
         """Queue a DECODE; the job's ``done`` future carries the reply."""
@@ -230,6 +247,9 @@ class Scheduler:
         self.ledger.release(handle)
         if not slot.agents and slot.context is not None:  # no agent is left to use it
             await self.room.close_context(slot)
+        if not self.agents:
+            self.room.store.trim()
+        self.reconcile()
         self._wake.set()  # what it held may be what another job waits for
         log.info("unregister agent=%s model=%s", agent.id, slot.key)
 
@@ -238,7 +258,7 @@ class Scheduler:
         async with self._lock:
             for agent in self.agents.values():
                 for job in agent.jobs:
-                    job.fail(Cancelled("the daemon is shutting down"))
+                    job.fail(Cancelled("the daemon is shutting down", agent=agent.id))
                 agent.jobs.clear()
             for slot in list(self.room.slots.values()):
                 self.endings.release_held(slot)  # ended before their forced parks
@@ -248,6 +268,7 @@ class Scheduler:
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.reconcile()  # the backend's own use, before any model: STATUS shows it at once
         while True:
             await self._idle()
             self._wake.clear()
@@ -259,6 +280,7 @@ class Scheduler:
             still = 0  # turns in a row in which no model could do anything
             while (slot := self._next_slot()) is not None:
                 async with self._lock:
+                    self.reconcile()  # admission in this turn counts what the device holds
                     try:
                         moved = await self._run_slice(slot)
                     except Exception as exc:  # a bug must not take the daemon down with it
@@ -315,8 +337,16 @@ class Scheduler:
                     agent.idle
                     and agent.memory is Memory.RESIDENT
                     and slot.agents.get(agent.id) is agent
+                    and not await self.room.park(agent)
                 ):
-                    await self.room.park(agent)
+                    store = self.room.store
+                    log.warning(
+                        "forced park of agent=%s skipped: parked state uses %d of its %d-byte "
+                        "budget (--park-budget)",
+                        agent.id,
+                        store.used,
+                        store.budget,
+                    )
             finally:
                 if not slot.to_park:
                     self.endings.release_held(slot)

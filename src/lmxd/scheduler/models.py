@@ -17,12 +17,28 @@ from pathlib import Path
 from lmxd import catalog
 from lmxd.chat.template import ChatTemplate
 from lmxd.engine.worker import Worker
-from lmxd.errors import Forbidden, LmxdError, UnknownModel
+from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
 from lmxd.memory.ledger import Denial, Request
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
 log = logging.getLogger("lmxd.scheduler")
+
+
+_PATH_MAX, _NAME_MAX = 4096, 255  # bytes: Linux's limits for a path and one of its parts
+
+
+def _check_name(model: str) -> None:
+    """UNKNOWN_MODEL for a name or path the file system would refuse."""
+    data = model.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise UnknownModel("a model name or path cannot hold a NUL character")
+    if len(data) >= _PATH_MAX or any(len(part) > _NAME_MAX for part in data.split(b"/")):
+        raise UnknownModel(
+            f"{model[:200]!r}... is no model name or path: a path is under {_PATH_MAX} bytes "
+            f"and each of its parts at most {_NAME_MAX}",
+            bytes=len(data),
+        )
 
 
 class Models:
@@ -48,11 +64,13 @@ class Models:
         self._freed = freed
 
     def resolve(self, model: str) -> Path:
-        """The file a model name or path stands for, inside the allowed directories once
-        symlinks are followed (UNKNOWN_MODEL, FORBIDDEN)."""
+        """The file a model name or path stands for: a regular file inside the allowed
+        directories once symlinks are followed (UNKNOWN_MODEL, FORBIDDEN, BAD_MODEL_FILE).
+        A name no file system call could take is refused before any is made."""
+        _check_name(model)
         try:
             path = catalog.resolve_model(model, self.models_dir).resolve()
-        except (OSError, ValueError) as exc:  # a name too long for a path, a NUL byte...
+        except OSError as exc:  # a loop of symlinks, a directory we may not search...
             raise UnknownModel(f"{model[:200]!r} cannot name a model file: {exc}") from exc
         if not any(path.is_relative_to(d.resolve()) for d in self.allowed_dirs):
             raise Forbidden(
@@ -60,6 +78,8 @@ class Models:
                 f"({', '.join(str(d) for d in self.allowed_dirs)})",
                 path=str(path),
             )
+        if path.exists() and not path.is_file():  # a directory, a FIFO, a device
+            raise ModelFileError(f"{path} is not a regular file", path=str(path))
         return path
 
     async def load(self, key: str, path: Path, weights: Request) -> ModelSlot:

@@ -126,6 +126,7 @@ class Service:
         self.started = time.monotonic()
         self.started_at = time.time()
         self.http_url: str | None = None  # set once the HTTP front listens
+        self.uid = os.getuid()  # the daemon's user: the HTTP API acts as it
         self.stopping = False
         self.auto = AutoAgents(scheduler, limits.auto_agents, limits.auto_agent_ttl_s)
         # Counters since the start, by (model, agent): /metrics reads them.
@@ -141,26 +142,37 @@ class Service:
         n_ctx: int | None = None,
         sampling: Mapping[str, Any] | None = None,
         system_prompt: str | None = None,
+        caller: int | None = None,
     ) -> Registered:
+        """Register ``agent``, owned by ``caller`` (a uid; None: the daemon's own user, as
+        for the HTTP API, whose key is that user's)."""
         self._check_open()
         params = SamplingParams(**(sampling or {}))
         got = await self.scheduler.register(
-            agent, model, n_ctx or self.limits.default_n_ctx, params, system_prompt
+            agent,
+            model,
+            n_ctx or self.limits.default_n_ctx,
+            params,
+            system_prompt,
+            self.uid if caller is None else caller,
         )
         return Registered(
             agent=got.id, model=got.slot.key, n_ctx=got.n_ctx, path=str(got.slot.path)
         )
 
-    async def reset(self, agent: str) -> None:
+    async def reset(self, agent: str, caller: int | None = None) -> None:
+        self._check_owner(agent, caller)
         await self.scheduler.reset(agent)
 
-    async def unregister(self, agent: str) -> None:
+    async def unregister(self, agent: str, caller: int | None = None) -> None:
+        self._check_owner(agent, caller)
         await self.scheduler.unregister(agent)
         self._forget(agent)
 
-    def decode(self, request: DecodeRequest) -> DecodeStream:
-        """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, BUSY...)."""
+    def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
+        """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
         self._check_open()
+        self._check_owner(request.agent, caller)
         job = self.scheduler.submit(request)
         job.done.add_done_callback(lambda done: self._count(job, done))
         return DecodeStream(self.scheduler, job)
@@ -278,6 +290,19 @@ class Service:
             raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
         return agent
 
+    def _check_owner(self, agent_id: str, caller: int | None) -> None:
+        """FORBIDDEN unless ``caller`` (None: the daemon's own user) registered the agent;
+        an agent that does not exist is left to the scheduler's UNKNOWN_AGENT."""
+        agent = self.scheduler.agents.get(agent_id)
+        uid = self.uid if caller is None else caller
+        if agent is not None and agent.owner != uid:
+            raise Forbidden(
+                f"agent {agent_id!r} belongs to another user (uid {agent.owner})",
+                agent=agent_id,
+                owner_uid=agent.owner,
+                peer_uid=uid,
+            )
+
     async def expire_auto_agents(self) -> None:
         """Unregister the agents the API made that have been idle past their TTL (run
         periodically); one that a request takes meanwhile stays."""
@@ -297,12 +322,12 @@ class Service:
         if self.stopping:
             raise ShuttingDown("the daemon is stopping")
 
-    def shutdown(self, peer_uid: int | None) -> None:
-        if peer_uid != os.getuid():
+    def shutdown(self, peer_uid: int) -> None:
+        if peer_uid != self.uid:
             raise Forbidden(
                 "only the daemon's own user may shut it down",
                 peer_uid=peer_uid,
-                daemon_uid=os.getuid(),
+                daemon_uid=self.uid,
             )
         # The caller answers first: the daemon stops once this reply is on its way.
         asyncio.get_running_loop().call_soon(self.on_stop)
@@ -339,6 +364,8 @@ class Service:
             "ledger": {
                 "cap": ledger.cap,
                 "reserved": ledger.reserved,
+                "unaccounted": ledger.unaccounted,
+                "device_measured": None if sched.reconciler is None else sched.reconciler.measured,
                 "by_owner": ledger.snapshot(),
                 "by_model": by_model,
                 "by_agent": by_agent,
@@ -376,6 +403,7 @@ class Service:
                 kv_tokens=a.kv_tokens,
                 last_used=round(a.last_used, 3),
                 auto=a.id in auto,
+                owner=a.owner,
             )
             for a in self.scheduler.agents.values()
         ]

@@ -25,6 +25,7 @@ class AgentView(msgspec.Struct, frozen=True):
     kv_tokens: int  # of those, held in KV (resident or parked)
     last_used: float  # Unix time its last DECODE ended, or its registration
     auto: bool  # created by the HTTP API for a request that named a model
+    owner: int  # the uid that registered it (the daemon's own for the HTTP API)
 
 
 class LoadedModel(msgspec.Struct, frozen=True):

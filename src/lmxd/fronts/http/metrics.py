@@ -50,6 +50,11 @@ class ServiceCollector(Collector):
         yield gauge(
             "lmxd_ledger_reserved_bytes", "Bytes reserved in the ledger", ledger["reserved"]
         )
+        yield gauge(
+            "lmxd_ledger_unaccounted_bytes",
+            "Device bytes beyond every reservation, charged to the ledger (GPU)",
+            ledger["unaccounted"],
+        )
         owners = GaugeMetricFamily(
             "lmxd_ledger_owner_bytes", "Ledger bytes by owner", labels=["owner"]
         )
