@@ -62,3 +62,13 @@ def test_trim_gives_every_kept_buffer_back() -> None:
     store.trim()
     assert store.used == len(in_use or b"")
     assert store.allocate(4 * MiB) is not kept[0]  # a new buffer: the kept one is gone
+
+
+def test_a_discarded_state_is_not_kept_for_reuse() -> None:
+    store = KvStore(budget=64 * MiB)
+    buffer = store.allocate(4 * MiB)
+    assert buffer is not None
+    state = ParkedState(buffer, StateLayout(1, 0, (4 * MiB,)), 10)
+    store.discard(state)
+    assert store.used == 0 and len(state.buffer) == 0
+    assert store.allocate(4 * MiB) is not buffer  # nothing was kept: a new buffer

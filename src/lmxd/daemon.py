@@ -26,8 +26,10 @@ from lmxd.fronts.unix import Connection, Front, UnixServer
 from lmxd.kvstore import KvStore
 from lmxd.memory.device import NvmlMeter, ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
+from lmxd.memory.host import map_large_blocks
 from lmxd.memory.ledger import Denial, Ledger, Request
 from lmxd.memory.reconcile import Reconciler
+from lmxd.registry import AgentRegistry
 from lmxd.scheduler import Scheduler, SchedulerConfig
 from lmxd.scheduler.residency import Residency, ResidencyConfig
 from lmxd.service import Limits, Service
@@ -58,6 +60,7 @@ class DaemonConfig:
     auto_agent_ttl_s: float = 600.0
     # A client that reads nothing this long: its stream is cancelled, its socket closed.
     stream_timeout_s: float = 30.0
+    park_dir: Path | None = None  # agents kept on disk for a restart (lmxd.registry); None: not
 
 
 def claim_socket(path: Path) -> None:
@@ -142,18 +145,21 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
         config.auto_agents,
         config.auto_agent_ttl_s,
     )
-    return Service(scheduler, limits, on_stop)
+    registry = AgentRegistry(config.park_dir) if config.park_dir is not None else None
+    return Service(scheduler, limits, on_stop, registry=registry)
 
 
 async def run(config: DaemonConfig) -> None:
     if config.http is not None:
         check_exposure(config.http)  # before anything is loaded: a refusal is instant
+    map_large_blocks()  # freed buffers leave the process (lmxd.memory.host)
     claim_socket(config.socket)
     stop = asyncio.Event()
     service = assemble(config, stop.set)
     scheduler = service.scheduler
     device, cap = probe_device(), scheduler.ledger.cap
     backend = scheduler.room.config.backend
+    await service.restore_agents()  # the agents of the last run, before any client comes
     http = HttpFront(service, config.http) if config.http is not None else None
     if http is not None:
         service.http_url = await http.start()
@@ -192,6 +198,8 @@ async def run(config: DaemonConfig) -> None:
         service.close()
         await scheduler.shutdown()
         await asyncio.sleep(0.05)
+        if service.registry is not None:
+            service.registry.close()  # the agents' last writes land
         if http is not None:
             await http.stop()
         await server.stop()

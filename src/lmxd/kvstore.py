@@ -5,7 +5,8 @@ its next DECODE restores it. On a GPU the buffers are page-locked (``cudaHostAll
 libcudart, by ctypes): copies to and from the card then run at PCIe speed (55 GB/s measured
 on the H200 machine, against 9-21 GB/s from ordinary memory). Page-locking is slow, so buffers
 are kept and reused, and made a quarter larger than asked: after the first parks, parking
-allocates nothing until a conversation has grown by a quarter.
+allocates nothing until a conversation has grown by a quarter. A departed agent's buffer goes
+back to the system at once, and every kept one when the last agent has gone.
 
 The store only accounts and hands out buffers; the engine thread fills and drains them.
 "Does not fit" is a value: :meth:`KvStore.allocate` returns ``None`` past the budget. (A disk
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lmxd.engine.context import StateLayout
+from lmxd.memory.host import give_back_heap
 
 log = logging.getLogger("lmxd.kvstore")
 
@@ -154,12 +156,21 @@ class KvStore:
             self._idle.setdefault(size, []).append(buffer)
             self._idle_bytes += size
 
+    def discard(self, state: ParkedState) -> None:
+        """The state's agent has gone (RESET, UNREGISTER): its buffer goes back to the
+        system, not to reuse."""
+        buffer, state.buffer = state.buffer, bytearray()
+        with self._lock:
+            self._in_use -= len(buffer)
+        self._give_back(buffer)
+
     def trim(self) -> None:
         """Give every buffer kept for reuse back to the system (the last agent has gone: the
         daemon's memory returns to where it was before the agents came)."""
         with self._lock:
             while self._idle_bytes:
                 self._release_one()
+        give_back_heap()
 
     def _new(self, size: int) -> HostBuffer | None:
         if self._want_pinned and self.pinned is None:
@@ -182,5 +193,8 @@ class KvStore:
         size = max(s for s, bufs in self._idle.items() if bufs)
         buffer = self._idle[size].pop()
         self._idle_bytes -= size
+        self._give_back(buffer)
+
+    def _give_back(self, buffer: HostBuffer) -> None:
         if self.pinned is not None and not isinstance(buffer, bytearray):
             self.pinned.free(buffer)  # ordinary buffers go with their last reference

@@ -37,6 +37,8 @@ class DaemonProcess:
             str(self.socket),
             "--http",
             http,
+            # Its agents on disk in its own directory, not the user's (unless told).
+            *([] if "--park-dir" in args else ["--park-dir", str(self.dir / "state")]),
             *args,
         ]
         self._log = self.log_path.open("wb")

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import click
+import platformdirs
 
 from lmxd import catalog, protocol
 from lmxd.cli import main
@@ -143,6 +144,12 @@ from lmxd.units import parse_bytes
     "disconnected.",
 )
 @click.option(
+    "--park-dir",
+    default=None,
+    help="Where agents are kept for a restart (each agent's model, settings and conversation; "
+    "default: the user's state directory, lmxd/ in it); `off` keeps none.",
+)
+@click.option(
     "--max-seqs",
     type=click.IntRange(1, 256),
     default=16,
@@ -169,6 +176,7 @@ def serve(
     auto_agents: int,
     auto_agent_ttl: float,
     stream_timeout: float,
+    park_dir: str | None,
     max_seqs: int,
 ) -> None:
     """Run the daemon: one process owns the device; agents connect over a Unix socket and the
@@ -198,6 +206,7 @@ def serve(
         auto_agents=auto_agents,
         auto_agent_ttl_s=auto_agent_ttl,
         stream_timeout_s=stream_timeout,
+        park_dir=_park_dir(park_dir),
     )
     run_daemon(config)
 
@@ -223,3 +232,9 @@ def _group_id(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise click.BadParameter(f"no group named {text!r}") from None
+
+
+def _park_dir(value: str | None) -> Path | None:
+    if value == "off":
+        return None
+    return Path(value) if value else Path(platformdirs.user_state_dir("lmxd"))

@@ -16,6 +16,7 @@ import llama_cpp
 
 from lmxd.engine.runtime import Engine
 from lmxd.errors import EngineError, InvalidInput
+from lmxd.memory.host import give_back_heap
 from lmxd.modelfile import ModelInfo, read_model_info
 
 
@@ -152,19 +153,7 @@ class ModelRegistry:
             self._models.pop((model.path.resolve(), model.n_gpu_layers), None)
             model.free()
             if not self._models:
-                _give_back_heap()
+                give_back_heap()  # llama.cpp's host buffers, freed, leave the process
 
     def loaded(self) -> list[Model]:
         return list(self._models.values())
-
-
-def _give_back_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``) once no model is
-    loaded. llama.cpp's host buffers come from malloc; freed, they stay in the process (glibc
-    keeps freed memory for reuse, and raises its threshold for handing large blocks straight
-    back). After 20 s of `lmxd bench soak`, every model unloaded, a daemon held 95 MiB more
-    than after its warm-up without this, 67 MiB with it (and 36 MiB less at the start)."""
-    libc = ctypes.CDLL(None)
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)

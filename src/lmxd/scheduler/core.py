@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmxd.chat.messages import ChatMessage
 from lmxd.engine.sampling import SamplingParams
 from lmxd.engine.stepper import SeqReport, SliceControl
 from lmxd.engine.worker import Worker
@@ -135,6 +136,21 @@ class Scheduler:
             slot.agents[agent_id] = self.agents[agent_id] = agent
             log.info("register agent=%s model=%s n_ctx=%d", agent_id, slot.key, n_ctx)
             return agent
+
+    def resume(
+        self,
+        agent_id: str,
+        tokens: list[int],
+        text: str | None,
+        text_bos: bool,
+        reply_at: int,
+        history: list[ChatMessage],
+    ) -> None:
+        """Give an agent just registered again (after a restart) the conversation it had: its
+        next DECODE prefills it, as KV did not survive."""
+        agent = self._agent(agent_id)
+        agent.tokens, agent.text, agent.text_bos = list(tokens), text, text_bos
+        agent.reply_at, agent.history = reply_at, list(history)
 
     def reconcile(self) -> None:
         """Read the device's figure and charge what it holds beyond the ledger (GPU only):

@@ -320,8 +320,10 @@ class Residency:
             await self.worker.clear(slot.context, agent.seq)
             slot.seqs[agent.seq] = None
         if agent.parked is not None:
-            self.store.free(agent.parked)
-        self.discard_copy(agent)
+            self.store.discard(agent.parked)
+        if agent.copy is not None:
+            self.store.discard(agent.copy)
+            agent.copy = None
         agent.seq, agent.parked, agent.kv = None, None, 0
         if agent.memory is not Memory.NONE:
             agent.place(Memory.NONE)

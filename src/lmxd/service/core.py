@@ -9,6 +9,7 @@ objects: a DECODE comes back as a :class:`DecodeStream`, whose pieces and final
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -33,6 +34,8 @@ from lmxd.errors import (
 )
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
+from lmxd.registry import FORMAT as REGISTRY_FORMAT
+from lmxd.registry import AgentRecord, AgentRegistry
 from lmxd.results import DecodeResult, Piece
 from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Scheduler
 from lmxd.scheduler.slots import ModelSlot
@@ -118,11 +121,15 @@ class Service:
         limits: Limits,
         on_stop: Callable[[], None],
         device_index: int = 0,
+        registry: AgentRegistry | None = None,  # agents on disk, for a restart
     ) -> None:
         self.scheduler = scheduler
         self.limits = limits
         self.on_stop = on_stop
         self.device_index = device_index
+        self.registry = registry
+        self.restored = 0  # agents registered again from the registry at the start
+        self.not_restored = 0  # agent files found whose agent could not be registered
         self.started = time.monotonic()
         self.started_at = time.time()
         self.http_url: str | None = None  # set once the HTTP front listens
@@ -143,9 +150,11 @@ class Service:
         sampling: Mapping[str, Any] | None = None,
         system_prompt: str | None = None,
         caller: int | None = None,
+        kept: bool = True,
     ) -> Registered:
         """Register ``agent``, owned by ``caller`` (a uid; None: the daemon's own user, as
-        for the HTTP API, whose key is that user's)."""
+        for the HTTP API, whose key is that user's); ``kept``: on disk, for a restart (the
+        HTTP API's auto-agents are not)."""
         self._check_open()
         params = SamplingParams(**(sampling or {}))
         got = await self.scheduler.register(
@@ -156,6 +165,8 @@ class Service:
             system_prompt,
             self.uid if caller is None else caller,
         )
+        if kept:
+            self._persist(agent)
         return Registered(
             agent=got.id, model=got.slot.key, n_ctx=got.n_ctx, path=str(got.slot.path)
         )
@@ -163,11 +174,85 @@ class Service:
     async def reset(self, agent: str, caller: int | None = None) -> None:
         self._check_owner(agent, caller)
         await self.scheduler.reset(agent)
+        self._persist(agent)
 
     async def unregister(self, agent: str, caller: int | None = None) -> None:
         self._check_owner(agent, caller)
         await self.scheduler.unregister(agent)
         self._forget(agent)
+        if self.registry is not None:
+            self.registry.remove(agent)
+
+    async def restore_agents(self) -> None:
+        """Register again every agent the registry kept (at the start, before any client),
+        with its conversation when its model file is the one it was tokenized for."""
+        if self.registry is None:
+            return
+        for record in self.registry.load():
+            try:
+                await self.scheduler.register(
+                    record.agent,
+                    record.model,
+                    record.n_ctx,
+                    SamplingParams(**record.sampling),
+                    record.system_prompt,
+                    record.owner,
+                )
+            except (LmxdError, TypeError) as exc:  # TypeError: sampling from another version
+                self.not_restored += 1
+                log.warning("agent %s not registered again: %s", record.agent, exc)
+                continue
+            self.restored += 1
+            path = self.scheduler.agents[record.agent].slot.path
+            stat = path.stat()
+            kept = (record.path, record.model_size, record.model_mtime_ns)
+            if (str(path), stat.st_size, stat.st_mtime_ns) != kept:
+                log.warning(
+                    "agent %s: %s is not the file its conversation was kept for; it starts anew",
+                    record.agent,
+                    path,
+                )
+                self._persist(record.agent)
+                continue
+            self.scheduler.resume(
+                record.agent,
+                record.tokens,
+                record.text,
+                record.text_bos,
+                record.reply_at,
+                record.history,
+            )
+            log.info("agent %s registered again, %d tokens", record.agent, len(record.tokens))
+
+    def _persist(self, agent_id: str) -> None:
+        """Keep the agent on disk as it is now (not the HTTP API's auto-agents)."""
+        agent = self.scheduler.agents.get(agent_id)
+        if self.registry is None or agent is None or agent_id in self.auto.ids():
+            return
+        try:
+            stat = agent.slot.path.stat()
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError:  # the file went since it was loaded: its conversation will not come back
+            size, mtime_ns = -1, -1
+        self.registry.save(
+            AgentRecord(
+                format=REGISTRY_FORMAT,
+                agent=agent.id,
+                owner=agent.owner,
+                model=agent.slot.key,
+                path=str(agent.slot.path),
+                model_size=size,
+                model_mtime_ns=mtime_ns,
+                n_ctx=agent.n_ctx,
+                sampling=dataclasses.asdict(agent.sampling),
+                system_prompt=agent.system_prompt,
+                tokens=list(agent.tokens),
+                text=agent.text,
+                text_bos=agent.text_bos,
+                reply_at=agent.reply_at,
+                history=list(agent.history),
+            )
+        )
 
     def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
@@ -175,6 +260,7 @@ class Service:
         self._check_owner(request.agent, caller)
         job = self.scheduler.submit(request)
         job.done.add_done_callback(lambda done: self._count(job, done))
+        job.done.add_done_callback(lambda _: self._persist(request.agent))
         return DecodeStream(self.scheduler, job)
 
     # -- the stateless API -------------------------------------------------------------------
@@ -264,7 +350,7 @@ class Service:
                     "(--auto-agents), all busy or named: reuse a name, or wait for one to expire",
                     max_agents=self.limits.auto_agents,
                 )
-            await self.register(ex.agent, model)
+            await self.register(ex.agent, model, kept=False)
             self.auto.adopt_named(path, ex.agent)
 
     async def _evict(self, path: str) -> bool:
@@ -279,7 +365,7 @@ class Service:
 
     async def _new_auto(self, model: str, path: str) -> str:
         agent_id = self.auto.new_id(model)
-        await self.register(agent_id, model)
+        await self.register(agent_id, model, kept=False)
         self.auto.adopt(path, agent_id)
         log.info("auto-agent agent=%s model=%s", agent_id, model)
         return agent_id
@@ -379,6 +465,14 @@ class Service:
                 "running": sum(a.activity is Activity.RUNNING for a in agents),
             },
             "agents": len(sched.agents),
+            "registry": {
+                "dir": None if self.registry is None else str(self.registry.dir),
+                "restored": self.restored,
+                "not_restored": self.not_restored,
+                "unreadable": 0 if self.registry is None else self.registry.unreadable,
+                "errors": 0 if self.registry is None else self.registry.errors,
+                "last_error": None if self.registry is None else self.registry.last_error,
+            },
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
