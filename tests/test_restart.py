@@ -1,10 +1,11 @@
 """Agents survive a restart: kept on disk (lmxd.registry), registered again, conversation kept.
 
 A real daemon, stopped cleanly or killed, and a second one on the same --park-dir: every agent
-is listed again with its owner, model, n_ctx and conversation, and its next DECODE prefills
-the whole conversation (its KV did not survive). Files that cannot be read are set aside, a
-model file that changed keeps the agent but not its conversation, and a directory that cannot
-be written is reported while the daemon serves on.
+is listed again with its owner, model, n_ctx and conversation. After a clean stop its KV comes
+back from its state file and it goes on exactly where it was; after a kill its next DECODE
+prefills the whole conversation. Files that cannot be read are set aside, a state file that
+does not verify falls back to prefilling, a model file that changed keeps the agent but not
+its conversation, and a directory that cannot be written is reported while the daemon serves.
 """
 
 from __future__ import annotations
@@ -55,15 +56,21 @@ def test_agents_come_back_after_a_restart(tmp_path: Path, stop: str) -> None:
             was = before[name]
             for key in ("model", "n_ctx", "tokens", "owner"):
                 assert agent[key] == was[key], (name, key, agent, was)
-            assert agent["state"] == "empty" and agent["kv_tokens"] == 0  # KV did not survive
+            if stop == "sigterm":  # a clean stop wrote its KV: it is parked with it
+                assert agent["state"] == "parked" and agent["kv_tokens"] > 0
+            else:  # killed: its KV did not survive
+                assert agent["state"] == "empty" and agent["kv_tokens"] == 0
         registry = w.ok("STATUS")["registry"]
         assert registry["restored"] == 2 and registry["dir"] == str(state / "agents")
-        # the conversation goes on: all of it is prefilled again, then the new turn
+        assert registry["states_restored"] == (2 if stop == "sigterm" else 0)
+        # the conversation goes on: restored from its state, or all of it prefilled again
         spain = [{"role": "user", "content": "And Spain?"}]
         reply = w.ok("DECODE", agent="chat", messages=spain, max_tokens=8)
-        assert reply["cached_tokens"] == 0 and reply["prompt_tokens"] > before["chat"]["tokens"]
         raw = w.ok("DECODE", agent="raw", prompt=" And Spain?", max_tokens=4)
-        assert raw["prompt_tokens"] > before["raw"]["tokens"] and raw["generated_tokens"] > 0
+        for got, was in ((reply, before["chat"]), (raw, before["raw"])):
+            assert got["restored"] == (stop == "sigterm") and got["generated_tokens"] > 0
+            assert got["cached_tokens"] + got["prompt_tokens"] > was["tokens"]
+            assert (got["cached_tokens"] > 0) == (stop == "sigterm")
         # an unregistered agent stays gone after the next restart
         w.ok("UNREGISTER", agent="raw")
         time.sleep(0.5)
@@ -121,3 +128,72 @@ def test_a_park_dir_that_cannot_be_written_is_reported_and_the_daemon_serves() -
         assert registry["errors"] >= 1 and "/proc/lmxd-cannot-be-here" in registry["last_error"]
     finally:
         assert d.stop() == 0, d.log()
+
+
+TURNS = (" The first thing to know is", " Then,", " And finally")
+
+
+def _two_turns(d: Daemon, model: str) -> None:
+    w = d.wire()
+    w.ok("REGISTER", agent="a", model=model, n_ctx=512)
+    for turn in TURNS[:2]:
+        w.ok("DECODE", agent="a", prompt=turn, max_tokens=12)
+    w.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
+    tmp_path: Path, model: str
+) -> None:
+    """A clean stop writes each idle agent's KV to its state file; after the restart the agent
+    is parked with it, and its next DECODE restores it and gives the greedy text it would
+    have given without the restart."""
+    straight = Daemon()
+    try:
+        _two_turns(straight, model)
+        expected = straight.wire().ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=12)
+    finally:
+        assert straight.stop() == 0, straight.log()
+    state = tmp_path / "state"
+    first = Daemon("--park-dir", str(state))
+    try:
+        _two_turns(first, model)
+    finally:
+        assert first.stop() == 0, first.log()
+    assert (state / "states" / "a.state").is_file()
+    second = Daemon("--park-dir", str(state))
+    try:
+        w = second.wire()
+        [agent] = w.ok("LIST")["agents"]
+        assert agent["state"] == "parked" and agent["kv_tokens"] > 0
+        got = w.ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=12)
+        assert got["text"] == expected["text"]
+        assert got["restored"] and got["cached_tokens"] > 0
+        assert w.ok("STATUS")["registry"]["states_restored"] == 1
+        assert not (state / "states" / "a.state").exists()  # read once
+    finally:
+        assert second.stop() == 0, second.log()
+
+
+def test_a_state_file_that_does_not_verify_falls_back_to_prefilling(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = Daemon("--park-dir", str(state))
+    try:
+        _two_turns(first, "smollm2-135m")
+    finally:
+        assert first.stop() == 0, first.log()
+    path = state / "states" / "a.state"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one byte of the state, not of its header
+    path.write_bytes(bytes(data))
+    second = Daemon("--park-dir", str(state))
+    try:
+        w = second.wire()
+        [agent] = w.ok("LIST")["agents"]
+        assert agent["state"] == "empty" and agent["tokens"] > 0
+        assert w.ok("STATUS")["registry"]["states_restored"] == 0
+        got = w.ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=4)
+        assert got["cached_tokens"] == 0 and not got["restored"] and got["generated_tokens"] > 0
+        assert "checksum does not match" in second.log()
+    finally:
+        assert second.stop() == 0, second.log()

@@ -356,7 +356,9 @@ def test_an_agents_two_states_move_only_along_their_tables() -> None:
     agent = Agent("a", None, 512, SamplingParams(), None, 0)  # type: ignore[arg-type]
     assert agent.state == "empty"
     with pytest.raises(RuntimeError):
-        agent.place(Memory.PARKED)  # parked without ever being resident
+        agent.place(Memory.PARKING)  # parking what it never held
+    with pytest.raises(RuntimeError):
+        agent.place(Memory.RESTORING)  # restoring no parked state
     with pytest.raises(RuntimeError):
         agent.do(Activity.RUNNING)  # running without being queued
     agent.do(Activity.QUEUED)

@@ -196,6 +196,7 @@ async def run(config: DaemonConfig) -> None:
         # New requests are refused (SHUTTING_DOWN), in-flight DECODEs end (CANCELLED), and
         # their fronts get a moment to say so before the connections close.
         service.close()
+        await service.keep_states()  # idle agents' KV on disk, before anything is freed
         await scheduler.shutdown()
         await asyncio.sleep(0.05)
         if service.registry is not None:

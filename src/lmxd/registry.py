@@ -10,24 +10,33 @@ written to a temporary name, flushed to disk and renamed over the old one, so th
 any moment (``kill -9`` included) leaves the old file or the new one, never part of one. The
 writes run on a thread of their own, in order, off the event loop and the engine thread.
 
-A restarted daemon registers every agent it finds again (:meth:`AgentRegistry.load`). Its KV
-did not survive, so its next DECODE prefills the conversation kept here; a model file that
-changed since (another size or time) keeps the agent but not its conversation, which was
-tokenized for the old one (as does a name that now names another file). A file that cannot
-be read is set aside as ``<id>.json.bad``.
+A daemon that stops cleanly also writes each agent's KV, ``<park dir>/states/<id>.state``: a
+header line (the agent, its model file, the number of tokens, llama.cpp's version, how the
+state is laid out, its length and CRC-32) and then the bytes of ``llama_state_seq_get_data``.
+A restarted daemon registers every agent it finds again (:meth:`AgentRegistry.load`); an agent
+whose state file verifies comes back parked, and its next DECODE restores that state and goes
+on exactly where it stopped. Without one (a daemon killed, a file that does not verify: another
+model file, another llama.cpp, a checksum that does not match), its next DECODE prefills the
+conversation kept here. A model file that changed since (another size or time) keeps the agent
+but not its conversation, which was tokenized for the old one (as does a name that now names
+another file). An agent file that cannot be read is set aside as ``<id>.json.bad``; state files
+are read once and removed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import msgspec
 
 from lmxd.chat.messages import ChatMessage
+from lmxd.engine.context import StateLayout
 
 log = logging.getLogger("lmxd.registry")
 
@@ -54,11 +63,30 @@ class AgentRecord(msgspec.Struct, forbid_unknown_fields=True):
     history: list[ChatMessage]
 
 
+class StateHeader(msgspec.Struct, forbid_unknown_fields=True):
+    """The first line of a state file: what the bytes after it are, and for what."""
+
+    format: int
+    agent: str
+    path: str  # the model file, with its size and modification time
+    model_size: int
+    model_mtime_ns: int
+    llama_cpp: str  # llama-cpp-python's version: a state is llama.cpp's own layout
+    n_tokens: int  # cells the state holds
+    n_stream: int  # StateLayout
+    stream: int
+    sections: list[int]
+    nbytes: int
+    crc32: int
+
+
 class AgentRegistry:
-    """Agent files under ``directory``/agents; what went wrong is counted for STATUS."""
+    """Agent files under ``directory``/agents and state files under ``directory``/states;
+    what went wrong is counted for STATUS."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory / "agents"
+        self.states = directory / "states"
         self.errors = 0  # writes or removals that failed (a read-only directory, a full disk)
         self.last_error: str | None = None
         self.unreadable = 0  # agent files set aside at the start
@@ -92,27 +120,98 @@ class AgentRegistry:
     def remove(self, agent: str) -> None:
         self._io.submit(self._unlink, agent)
 
+    def flush(self) -> None:
+        """Wait for the writes already asked for (blocking: call it from a thread)."""
+        self._io.submit(lambda: None).result()
+
     def close(self) -> None:
-        """Wait for the writes already asked for."""
+        """Wait for the writes already asked for, and take no more."""
         self._io.shutdown(wait=True)
 
-    def _write(self, record: AgentRecord) -> None:
-        path = self.dir / f"{record.agent}.json"
-        temporary = self.dir / f".{record.agent}.json.tmp"
+    def save_state(
+        self, record: AgentRecord, n_tokens: int, data: memoryview, layout: StateLayout
+    ) -> None:
+        """Write an agent's KV state of ``n_tokens`` cells (later, in order, on the registry's
+        thread; ``data`` must stay valid until :meth:`close` returns)."""
+        self._io.submit(self._write_state, record, n_tokens, data, layout)
+
+    def load_state(self, record: AgentRecord) -> tuple[bytes, StateLayout, int] | None:
+        """The agent's state (its bytes, their layout, the cells they hold), if its file
+        verifies for ``record`` (the model file it names, this llama.cpp, no more cells than
+        the conversation has tokens, its checksum); the file is removed either way."""
+        path = self.states / f"{record.agent}.state"
+        if not path.is_file():
+            return None
         try:
+            with path.open("rb") as f:
+                header = msgspec.json.decode(f.readline(), type=StateHeader)
+                data = f.read()
+        except (OSError, msgspec.DecodeError) as exc:
+            log.warning("state file %s cannot be read (%s): prefilling instead", path, exc)
+            return None
+        finally:
+            path.unlink(missing_ok=True)
+        expected = (FORMAT, record.agent, record.path, record.model_size, record.model_mtime_ns)
+        found = (header.format, header.agent, header.path, header.model_size, header.model_mtime_ns)
+        why = None
+        if found != expected:
+            why = "it is for another agent or model file"
+        elif header.llama_cpp != llama_cpp.__version__:
+            why = f"it was written by llama-cpp-python {header.llama_cpp}"
+        elif header.n_tokens > len(record.tokens) or len(data) != header.nbytes:
+            why = "its length does not match the conversation"
+        elif zlib.crc32(data) != header.crc32:
+            why = "its checksum does not match"
+        if why is not None:
+            log.warning("state file %s does not verify (%s): prefilling instead", path, why)
+            return None
+        layout = StateLayout(header.n_stream, header.stream, tuple(header.sections))
+        return data, layout, header.n_tokens
+
+    def _write_state(
+        self, record: AgentRecord, n_tokens: int, data: memoryview, layout: StateLayout
+    ) -> None:
+        header = StateHeader(
+            format=FORMAT,
+            agent=record.agent,
+            path=record.path,
+            model_size=record.model_size,
+            model_mtime_ns=record.model_mtime_ns,
+            llama_cpp=llama_cpp.__version__,
+            n_tokens=n_tokens,
+            n_stream=layout.n_stream,
+            stream=layout.stream,
+            sections=list(layout.sections),
+            nbytes=len(data),
+            crc32=zlib.crc32(data),
+        )
+        self._atomically(
+            self.states / f"{record.agent}.state", msgspec.json.encode(header) + b"\n", data
+        )
+
+    def _write(self, record: AgentRecord) -> None:
+        self._atomically(self.dir / f"{record.agent}.json", msgspec.json.encode(record))
+
+    def _atomically(self, path: Path, *chunks: bytes | memoryview) -> None:
+        """``path`` holds ``chunks`` whole, or what it held before: written to a temporary
+        name, flushed to disk, renamed over it, and the rename flushed too."""
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with temporary.open("wb") as f:
-                f.write(msgspec.json.encode(record))
+                for chunk in chunks:
+                    f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             temporary.replace(path)
-            directory = os.open(self.dir, os.O_RDONLY)
+            directory = os.open(path.parent, os.O_RDONLY)
             try:
-                os.fsync(directory)  # the rename itself survives a crash
+                os.fsync(directory)
             finally:
                 os.close(directory)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
-            self._failed(f"cannot save agent {record.agent!r} in {self.dir}: {exc}")
+            self._failed(f"cannot write {path}: {exc}")
 
     def _unlink(self, agent: str) -> None:
         try:

@@ -146,8 +146,9 @@ from lmxd.units import parse_bytes
 @click.option(
     "--park-dir",
     default=None,
-    help="Where agents are kept for a restart (each agent's model, settings and conversation; "
-    "default: the user's state directory, lmxd/ in it); `off` keeps none.",
+    help="Where agents are kept for a restart (each agent's model, settings and conversation, "
+    "and at a clean stop its KV; default: the user's state directory, lmxd/ in it); `off` "
+    "keeps none.",
 )
 @click.option(
     "--max-seqs",

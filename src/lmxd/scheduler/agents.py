@@ -7,6 +7,7 @@ Two small state machines, each with its own table of allowed moves (``_MEMORY_MO
         NONE ─(seated)─▶ RESIDENT ─▶ PARKING ─▶ PARKED ─▶ RESTORING ─▶ RESIDENT
         RESIDENT ─(nothing in KV to park; RESET; UNREGISTER)─▶ NONE
         PARKED ─(RESET; UNREGISTER)─▶ NONE
+        NONE ─(its state read back from disk after a restart)─▶ PARKED
         a copy that fails goes back: PARKING ─▶ RESIDENT, RESTORING ─▶ PARKED
 
     Activity, what it is doing
@@ -54,7 +55,7 @@ class Activity(StrEnum):
 
 
 _MEMORY_MOVES: dict[Memory, set[Memory]] = {
-    Memory.NONE: {Memory.RESIDENT},
+    Memory.NONE: {Memory.RESIDENT, Memory.PARKED},
     Memory.RESIDENT: {Memory.PARKING, Memory.NONE},
     Memory.PARKING: {Memory.PARKED, Memory.RESIDENT},
     Memory.PARKED: {Memory.RESTORING, Memory.NONE},

@@ -34,6 +34,7 @@ from lmxd.errors import (
     ParkBudgetExceeded,
     UnknownAgent,
 )
+from lmxd.kvstore import ParkedState
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
 from lmxd.memory.reconcile import Reconciler
@@ -151,6 +152,25 @@ class Scheduler:
         agent = self._agent(agent_id)
         agent.tokens, agent.text, agent.text_bos = list(tokens), text, text_bos
         agent.reply_at, agent.history = reply_at, list(history)
+
+    def park_from_disk(self, agent_id: str, state: ParkedState) -> None:
+        """An agent registered again after a restart gets the KV state it had: it is parked,
+        and its next DECODE restores it."""
+        agent = self._agent(agent_id)
+        agent.parked = state
+        agent.place(Memory.PARKED)
+
+    async def state_of(self, agent: Agent) -> ParkedState | None:
+        """A copy of an idle agent's KV in host RAM (its parked state, or one copied now), or
+        None (it has no KV, is decoding, or the park budget is spent). For a clean stop."""
+        async with self._lock:
+            if not agent.idle or agent.kv_tokens == 0:
+                return None
+            if agent.memory is Memory.PARKED:
+                return agent.parked
+            if agent.copy is None:
+                await self.room.write_ahead(agent)
+            return agent.copy
 
     def reconcile(self) -> None:
         """Read the device's figure and charge what it holds beyond the ledger (GPU only):

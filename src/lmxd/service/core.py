@@ -32,6 +32,7 @@ from lmxd.errors import (
     ShuttingDown,
     UnknownAgent,
 )
+from lmxd.kvstore import ParkedState
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
 from lmxd.registry import FORMAT as REGISTRY_FORMAT
@@ -129,6 +130,7 @@ class Service:
         self.device_index = device_index
         self.registry = registry
         self.restored = 0  # agents registered again from the registry at the start
+        self.from_disk = 0  # of those, agents whose KV state came back from its file
         self.not_restored = 0  # agent files found whose agent could not be registered
         self.started = time.monotonic()
         self.started_at = time.time()
@@ -222,36 +224,79 @@ class Service:
                 record.reply_at,
                 record.history,
             )
-            log.info("agent %s registered again, %d tokens", record.agent, len(record.tokens))
+            kv = self._state_from_disk(record)
+            log.info(
+                "agent %s registered again, %d tokens, %d of them in KV from its state file",
+                record.agent,
+                len(record.tokens),
+                kv,
+            )
+
+    async def keep_states(self) -> None:
+        """At a clean stop, before anything is freed: every idle agent's KV to its state file
+        (a resident one's copied to host RAM first), written before this returns. An agent
+        decoding now keeps its conversation only, and prefills it after the restart."""
+        if self.registry is None:
+            return
+        for agent in list(self.scheduler.agents.values()):
+            record = self._record(agent.id)
+            state = await self.scheduler.state_of(agent) if record is not None else None
+            if record is None or state is None:
+                continue
+            data = memoryview(state.buffer).cast("B")[: state.nbytes]  # type: ignore[arg-type]
+            self.registry.save_state(record, state.n_tokens, data, state.layout)
+        await asyncio.to_thread(self.registry.flush)
+
+    def _state_from_disk(self, record: AgentRecord) -> int:
+        """Park the agent with the state its file kept, if it verifies and the park budget
+        holds it; the cells it holds (0: its next DECODE prefills the conversation)."""
+        assert self.registry is not None
+        found = self.registry.load_state(record)
+        if found is None:
+            return 0
+        data, layout, n_tokens = found
+        store = self.scheduler.room.store
+        buffer = store.allocate(len(data))
+        if buffer is None:
+            log.warning("agent %s: no park budget for its state; prefilling instead", record.agent)
+            return 0
+        memoryview(buffer).cast("B")[: len(data)] = data  # type: ignore[arg-type]
+        self.scheduler.park_from_disk(record.agent, ParkedState(buffer, layout, n_tokens))
+        self.from_disk += 1
+        return n_tokens
 
     def _persist(self, agent_id: str) -> None:
         """Keep the agent on disk as it is now (not the HTTP API's auto-agents)."""
+        record = self._record(agent_id)
+        if self.registry is not None and record is not None:
+            self.registry.save(record)
+
+    def _record(self, agent_id: str) -> AgentRecord | None:
+        """The agent as kept on disk; None where no registry keeps it."""
         agent = self.scheduler.agents.get(agent_id)
         if self.registry is None or agent is None or agent_id in self.auto.ids():
-            return
+            return None
         try:
             stat = agent.slot.path.stat()
             size, mtime_ns = stat.st_size, stat.st_mtime_ns
         except OSError:  # the file went since it was loaded: its conversation will not come back
             size, mtime_ns = -1, -1
-        self.registry.save(
-            AgentRecord(
-                format=REGISTRY_FORMAT,
-                agent=agent.id,
-                owner=agent.owner,
-                model=agent.slot.key,
-                path=str(agent.slot.path),
-                model_size=size,
-                model_mtime_ns=mtime_ns,
-                n_ctx=agent.n_ctx,
-                sampling=dataclasses.asdict(agent.sampling),
-                system_prompt=agent.system_prompt,
-                tokens=list(agent.tokens),
-                text=agent.text,
-                text_bos=agent.text_bos,
-                reply_at=agent.reply_at,
-                history=list(agent.history),
-            )
+        return AgentRecord(
+            format=REGISTRY_FORMAT,
+            agent=agent.id,
+            owner=agent.owner,
+            model=agent.slot.key,
+            path=str(agent.slot.path),
+            model_size=size,
+            model_mtime_ns=mtime_ns,
+            n_ctx=agent.n_ctx,
+            sampling=dataclasses.asdict(agent.sampling),
+            system_prompt=agent.system_prompt,
+            tokens=list(agent.tokens),
+            text=agent.text,
+            text_bos=agent.text_bos,
+            reply_at=agent.reply_at,
+            history=list(agent.history),
         )
 
     def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
@@ -468,6 +513,7 @@ class Service:
             "registry": {
                 "dir": None if self.registry is None else str(self.registry.dir),
                 "restored": self.restored,
+                "states_restored": self.from_disk,
                 "not_restored": self.not_restored,
                 "unreadable": 0 if self.registry is None else self.registry.unreadable,
                 "errors": 0 if self.registry is None else self.registry.errors,
