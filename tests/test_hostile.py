@@ -111,6 +111,8 @@ def hostile_frames(models_dir: Path) -> list[tuple[bytes, str, int | str | None]
         (b'{"id": 20, "op": 7}', "UNKNOWN_OP", 20),
         (b'{"id": 21, "op": "CANCEL", "target": {"a": 1}}', "BAD_REQUEST", 21),
         (b'"just a string"', "BAD_JSON", None),
+        # an unclosed string of escaped quotes: must not take time growing with its square
+        (b'{"id": 30, "op": "HELLO", "p": "' + b'\\"' * 300_000, "BAD_JSON", 30),
         (bytes(range(1, 10)) + bytes(range(11, 32)), "BAD_JSON", None),
     ]
 

@@ -20,6 +20,7 @@ import pytest
 from daemon_harness import Daemon
 
 from lmxd import catalog
+from lmxd.errors import DaemonFailed
 
 
 def _converse(d: Daemon) -> dict[str, dict[str, object]]:
@@ -197,3 +198,16 @@ def test_a_state_file_that_does_not_verify_falls_back_to_prefilling(tmp_path: Pa
         assert "checksum does not match" in second.log()
     finally:
         assert second.stop() == 0, second.log()
+
+
+def test_a_second_daemon_on_the_same_park_dir_is_refused(tmp_path: Path) -> None:
+    """It would register the first one's agents and remove their files."""
+    state = tmp_path / "state"
+    first = Daemon("--park-dir", str(state))
+    try:
+        with pytest.raises(DaemonFailed) as refused:
+            Daemon("--park-dir", str(state))
+        assert "another daemon keeps its agents in" in str(refused.value)
+        assert first.wire().ok("HELLO")["protocol"] == 1  # the first one serves on
+    finally:
+        assert first.stop() == 0, first.log()

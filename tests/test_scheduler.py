@@ -236,10 +236,10 @@ def test_a_model_unloads_after_its_keep_alive_and_a_register_meanwhile_keeps_it(
     async def test(s: Scheduler, w: FakeWorker) -> list[tuple[str, ...]]:
         await register(s, "a")
         await decode(s, "a")
-        await s.unregister("a")
+        await s.unregister("a", 0)
         await asyncio.sleep(0.02)
         await register(s, "b")  # within the keep-alive: the same weights, no reload
-        await s.unregister("b")
+        await s.unregister("b", 0)
         await asyncio.sleep(0.1)
         return [e for e in w.log if e[0] in ("load", "unload")]
 

@@ -166,7 +166,9 @@ def parse_request(line: bytes) -> Request:
 
 
 MAX_NESTING = 32  # objects and arrays inside one another; the deepest valid frame has 4
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string runs to its closing quote, or to the end of the line: an unclosed one must not be
+# searched for from every quote after it (0.7 s for 16 KB of \" that way; 45 ms for 1 MiB).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,128}")\s*[,}]')
 

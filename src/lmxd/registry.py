@@ -25,18 +25,22 @@ are read once and removed.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import llama_cpp
 import msgspec
 
 from lmxd.chat.messages import ChatMessage
 from lmxd.engine.context import StateLayout
+from lmxd.errors import DaemonRunning
 
 log = logging.getLogger("lmxd.registry")
 
@@ -73,6 +77,7 @@ class StateHeader(msgspec.Struct, forbid_unknown_fields=True):
     model_mtime_ns: int
     llama_cpp: str  # llama-cpp-python's version: a state is llama.cpp's own layout
     n_tokens: int  # cells the state holds
+    tokens_crc32: int  # of the conversation's first n_tokens tokens: the state is theirs
     n_stream: int  # StateLayout
     stream: int
     sections: list[int]
@@ -91,14 +96,28 @@ class AgentRegistry:
         self.last_error: str | None = None
         self.unreadable = 0  # agent files set aside at the start
         self._io = ThreadPoolExecutor(1, thread_name_prefix="lmxd-registry")
+        self._lock = threading.Lock()
+        self._pending: dict[str, AgentRecord] = {}  # the latest record of each agent to write
+        self._held: IO[str] | None = None  # the directory's lock file, held while we run
 
     def load(self) -> list[AgentRecord]:
-        """Every agent file that reads; creates the directory if need be."""
+        """Every agent file that reads; creates the directory if need be, and holds it for
+        this daemon: a second daemon on the same directory is refused (DAEMON_RUNNING), as it
+        would register the first one's agents and remove their files."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._held = (self.dir.parent / "lock").open("a")
         except OSError as exc:
             self._failed(f"cannot create {self.dir}: {exc}")
             return []
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonRunning(
+                f"another daemon keeps its agents in {self.dir.parent}: give this one a "
+                "--park-dir of its own",
+                park_dir=str(self.dir.parent),
+            ) from None
         records = []
         for path in sorted(self.dir.glob("*.json")):
             try:
@@ -114,11 +133,31 @@ class AgentRegistry:
         return records
 
     def save(self, record: AgentRecord) -> None:
-        """Write ``record`` (later, in order, on the registry's thread)."""
-        self._io.submit(self._write, record)
+        """Write ``record`` (later, on the registry's thread). Only an agent's latest record
+        waits to be written: when DECODEs end faster than the disk takes them, the queue
+        holds one record per agent, not one per DECODE."""
+        with self._lock:
+            queued = record.agent in self._pending
+            self._pending[record.agent] = record
+        if not queued:
+            self._io.submit(self._write_latest, record.agent)
 
     def remove(self, agent: str) -> None:
-        self._io.submit(self._unlink, agent)
+        """The agent is gone: its file and its state file go too."""
+        with self._lock:
+            self._pending.pop(agent, None)
+        self._io.submit(self._unlink, self.dir / f"{agent}.json")
+        self.drop_state(agent)
+
+    def drop_state(self, agent: str) -> None:
+        """The agent's conversation changed (or it is new): a state file of it is stale."""
+        self._io.submit(self._unlink, self.states / f"{agent}.state")
+
+    def drop_states(self) -> None:
+        """Remove the state files no agent took at the start (their agent was not registered
+        again, or its model changed): they would be stale by the next one."""
+        for path in self.states.glob("*.state"):
+            self._io.submit(self._unlink, path)
 
     def flush(self) -> None:
         """Wait for the writes already asked for (blocking: call it from a thread)."""
@@ -129,10 +168,10 @@ class AgentRegistry:
         self._io.shutdown(wait=True)
 
     def save_state(
-        self, record: AgentRecord, n_tokens: int, data: memoryview, layout: StateLayout
+        self, record: AgentRecord, n_tokens: int, data: bytes, layout: StateLayout
     ) -> None:
         """Write an agent's KV state of ``n_tokens`` cells (later, in order, on the registry's
-        thread; ``data`` must stay valid until :meth:`close` returns)."""
+        thread)."""
         self._io.submit(self._write_state, record, n_tokens, data, layout)
 
     def load_state(self, record: AgentRecord) -> tuple[bytes, StateLayout, int] | None:
@@ -150,7 +189,7 @@ class AgentRegistry:
             log.warning("state file %s cannot be read (%s): prefilling instead", path, exc)
             return None
         finally:
-            path.unlink(missing_ok=True)
+            self._unlink(path)
         expected = (FORMAT, record.agent, record.path, record.model_size, record.model_mtime_ns)
         found = (header.format, header.agent, header.path, header.model_size, header.model_mtime_ns)
         why = None
@@ -160,6 +199,10 @@ class AgentRegistry:
             why = f"it was written by llama-cpp-python {header.llama_cpp}"
         elif header.n_tokens > len(record.tokens) or len(data) != header.nbytes:
             why = "its length does not match the conversation"
+        elif header.tokens_crc32 != _tokens_crc32(record.tokens[: header.n_tokens]):
+            why = "it holds another conversation"
+        elif StateLayout.HEADER + sum(header.sections) != header.nbytes:
+            why = "its layout does not add up to its length"
         elif zlib.crc32(data) != header.crc32:
             why = "its checksum does not match"
         if why is not None:
@@ -169,7 +212,7 @@ class AgentRegistry:
         return data, layout, header.n_tokens
 
     def _write_state(
-        self, record: AgentRecord, n_tokens: int, data: memoryview, layout: StateLayout
+        self, record: AgentRecord, n_tokens: int, data: bytes, layout: StateLayout
     ) -> None:
         header = StateHeader(
             format=FORMAT,
@@ -179,6 +222,7 @@ class AgentRegistry:
             model_mtime_ns=record.model_mtime_ns,
             llama_cpp=llama_cpp.__version__,
             n_tokens=n_tokens,
+            tokens_crc32=_tokens_crc32(record.tokens[:n_tokens]),
             n_stream=layout.n_stream,
             stream=layout.stream,
             sections=list(layout.sections),
@@ -189,8 +233,11 @@ class AgentRegistry:
             self.states / f"{record.agent}.state", msgspec.json.encode(header) + b"\n", data
         )
 
-    def _write(self, record: AgentRecord) -> None:
-        self._atomically(self.dir / f"{record.agent}.json", msgspec.json.encode(record))
+    def _write_latest(self, agent: str) -> None:
+        with self._lock:
+            record = self._pending.pop(agent, None)
+        if record is not None:  # None: removed since
+            self._atomically(self.dir / f"{agent}.json", msgspec.json.encode(record))
 
     def _atomically(self, path: Path, *chunks: bytes | memoryview) -> None:
         """``path`` holds ``chunks`` whole, or what it held before: written to a temporary
@@ -213,11 +260,11 @@ class AgentRegistry:
             temporary.unlink(missing_ok=True)
             self._failed(f"cannot write {path}: {exc}")
 
-    def _unlink(self, agent: str) -> None:
+    def _unlink(self, path: Path) -> None:
         try:
-            (self.dir / f"{agent}.json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
-            self._failed(f"cannot remove agent {agent!r} from {self.dir}: {exc}")
+            self._failed(f"cannot remove {path}: {exc}")
 
     def _set_aside(self, path: Path) -> None:
         try:
@@ -229,3 +276,7 @@ class AgentRegistry:
         self.errors += 1
         self.last_error = message
         log.error("%s", message)
+
+
+def _tokens_crc32(tokens: list[int]) -> int:
+    return zlib.crc32(array.array("i", tokens).tobytes())

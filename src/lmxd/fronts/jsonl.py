@@ -42,8 +42,17 @@ class JsonLines:
                 self._spawn(self._handle(line))
                 if len(self._tasks) >= MAX_IN_FLIGHT:
                     # Read no more until one ends: a client that sends and never reads
-                    # holds at most this many replies in the daemon, not all it sent.
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    # holds at most this many replies in the daemon, not all it sent. A
+                    # client found gone meanwhile ends the connection (and its generations).
+                    gone = asyncio.ensure_future(self.conn.gone.wait())
+                    try:
+                        await asyncio.wait(
+                            {*self._tasks, gone}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        gone.cancel()
+                    if self.conn.gone.is_set():
+                        return
         finally:
             # The client is gone (or the daemon is stopping): its DECODEs stop, then its tasks.
             for stream in self._streams.values():

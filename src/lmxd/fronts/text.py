@@ -52,7 +52,8 @@ async def _command(svc: Service, line: str, uid: int) -> list[str]:
         agent, tab, path = rest.partition("\t")
         if not tab or not protocol.is_agent_id(agent) or not path.strip():
             raise ProtocolError("usage: REGISTER <agent_id>\\t<gguf path>")
-        got = await svc.register(agent, path.strip(), caller=uid)
+        # Shielded, as on JSON lines: a client that leaves must not cut a model load in half.
+        got = await asyncio.shield(svc.register(agent, path.strip(), caller=uid))
         return [f"OK registered agent={agent} model={got.model}"]
     if verb == "DECODE":
         parts = rest.split(" ", 2)
@@ -83,7 +84,7 @@ async def _command(svc: Service, line: str, uid: int) -> list[str]:
     if verb == "UNREGISTER":
         if not protocol.is_agent_id(rest.strip()):
             raise ProtocolError("usage: UNREGISTER <agent_id>")
-        await svc.unregister(rest.strip(), uid)
+        await asyncio.shield(svc.unregister(rest.strip(), uid))
         return [f"OK unregistered agent={rest.strip()}"]
     if verb == "STATUS":
         s = svc.status()

@@ -72,6 +72,7 @@ class Connection:
         self.uid = peer_uid(writer)
         self.unread_timeout_s = unread_timeout_s
         self.closed = False
+        self.gone = asyncio.Event()  # set once a send found the client gone, or dropped it
         self._write_lock = asyncio.Lock()
 
     async def send(self, data: bytes) -> None:
@@ -83,6 +84,7 @@ class Connection:
                 await asyncio.wait_for(self.writer.drain(), self.unread_timeout_s)
             except ConnectionError:
                 self.closed = True
+                self.gone.set()
             except TimeoutError:
                 log.info(
                     "client uid=%s read nothing for %.0f s: disconnected",
@@ -94,6 +96,7 @@ class Connection:
     def close(self) -> None:
         """Drop the connection now, whatever it has not sent (its reader sees the end)."""
         self.closed = True
+        self.gone.set()
         self.writer.transport.abort()
 
     async def lines(self, first: bytes) -> AsyncIterator[bytes | LineTooLong]:

@@ -31,7 +31,13 @@ class Reconciler:
         self.measured = 0  # the last figure read
 
     def reconcile(self) -> None:
-        self.measured = self.measure()
+        """Charge the device's figure now; if it cannot be read, keep the last one (a driver
+        that does not answer must not stop the scheduler)."""
+        try:
+            self.measured = self.measure()
+        except Exception:
+            log.exception("reading the device's memory failed; the last figure stands")
+            return
         ledger = self.ledger
         accounted = ledger.reserved - ledger.unaccounted
         excess = max(0, self.measured - accounted)

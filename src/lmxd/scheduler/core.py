@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmxd.chat.messages import ChatMessage
+from lmxd.engine.context import StateLayout
 from lmxd.engine.sampling import SamplingParams
 from lmxd.engine.stepper import SeqReport, SliceControl
 from lmxd.engine.worker import Worker
@@ -29,6 +30,7 @@ from lmxd.errors import (
     AgentExists,
     Busy,
     Cancelled,
+    Forbidden,
     InvalidInput,
     LmxdError,
     ParkBudgetExceeded,
@@ -160,17 +162,21 @@ class Scheduler:
         agent.parked = state
         agent.place(Memory.PARKED)
 
-    async def state_of(self, agent: Agent) -> ParkedState | None:
-        """A copy of an idle agent's KV in host RAM (its parked state, or one copied now), or
-        None (it has no KV, is decoding, or the park budget is spent). For a clean stop."""
+    async def state_of(self, agent: Agent) -> tuple[bytes, StateLayout, int] | None:
+        """An idle agent's KV (its bytes, their layout, the cells they hold), copied out of the
+        store under the lock, so that no park or drop can reuse the memory while it is
+        written; None if it has none, is decoding, or the park budget is spent. For a clean
+        stop."""
         async with self._lock:
             if not agent.idle or agent.kv_tokens == 0:
                 return None
-            if agent.memory is Memory.PARKED:
-                return agent.parked
-            if agent.copy is None:
+            if agent.memory is Memory.RESIDENT and agent.copy is None:
                 await self.room.write_ahead(agent)
-            return agent.copy
+            state = agent.parked if agent.memory is Memory.PARKED else agent.copy
+            if state is None:
+                return None
+            data = bytes(memoryview(state.buffer).cast("B")[: state.nbytes])  # type: ignore[arg-type]
+            return data, state.layout, state.n_tokens
 
     def reconcile(self) -> None:
         """Read the device's figure and charge what it holds beyond the ledger (GPU only):
@@ -238,9 +244,9 @@ class Scheduler:
         """DECODE jobs waiting or running, all agents together."""
         return sum(len(a.jobs) for a in self.agents.values())
 
-    async def reset(self, agent_id: str) -> None:
+    async def reset(self, agent_id: str, caller: int) -> None:
         async with self._lock:
-            agent = self._agent(agent_id)
+            agent = self.owned(agent_id, caller)
             if not agent.idle:
                 raise InvalidInput(
                     f"agent {agent_id!r} is decoding; cancel it or wait", agent=agent_id
@@ -249,9 +255,9 @@ class Scheduler:
             agent.tokens, agent.history, agent.text = [], [], None
             self._wake.set()  # what it held may be what another job waits for
 
-    async def unregister(self, agent_id: str) -> None:
+    async def unregister(self, agent_id: str, caller: int) -> None:
         async with self._lock:
-            await self._unregister(self._agent(agent_id))
+            await self._unregister(self.owned(agent_id, caller))
 
     async def unregister_idle(self, agent_id: str, used_before: float) -> bool:
         """Unregister ``agent_id`` if it is still idle and unused since ``used_before`` (Unix
@@ -584,4 +590,18 @@ class Scheduler:
         agent = self.agents.get(agent_id)
         if agent is None:
             raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
+        return agent
+
+    def owned(self, agent_id: str, caller: int) -> Agent:
+        """The agent, if ``caller`` (a uid) registered it (UNKNOWN_AGENT, FORBIDDEN). RESET and
+        UNREGISTER check under the lock, where no UNREGISTER and REGISTER of the same name can
+        come in between; a DECODE checks as it is submitted, with no await in between."""
+        agent = self._agent(agent_id)
+        if agent.owner != caller:
+            raise Forbidden(
+                f"agent {agent_id!r} belongs to another user (uid {agent.owner})",
+                agent=agent_id,
+                owner_uid=agent.owner,
+                peer_uid=caller,
+            )
         return agent

@@ -169,18 +169,20 @@ class Service:
         )
         if kept:
             self._persist(agent)
+            if self.registry is not None:
+                self.registry.drop_state(agent)
         return Registered(
             agent=got.id, model=got.slot.key, n_ctx=got.n_ctx, path=str(got.slot.path)
         )
 
     async def reset(self, agent: str, caller: int | None = None) -> None:
-        self._check_owner(agent, caller)
-        await self.scheduler.reset(agent)
+        await self.scheduler.reset(agent, self.uid if caller is None else caller)
         self._persist(agent)
+        if self.registry is not None:
+            self.registry.drop_state(agent)
 
     async def unregister(self, agent: str, caller: int | None = None) -> None:
-        self._check_owner(agent, caller)
-        await self.scheduler.unregister(agent)
+        await self.scheduler.unregister(agent, self.uid if caller is None else caller)
         self._forget(agent)
         if self.registry is not None:
             self.registry.remove(agent)
@@ -206,9 +208,12 @@ class Service:
                 continue
             self.restored += 1
             path = self.scheduler.agents[record.agent].slot.path
-            stat = path.stat()
-            kept = (record.path, record.model_size, record.model_mtime_ns)
-            if (str(path), stat.st_size, stat.st_mtime_ns) != kept:
+            try:
+                stat = path.stat()
+                now = (str(path), stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                now = (str(path), -1, -1)
+            if now != (record.path, record.model_size, record.model_mtime_ns):
                 log.warning(
                     "agent %s: %s is not the file its conversation was kept for; it starts anew",
                     record.agent,
@@ -231,6 +236,7 @@ class Service:
                 len(record.tokens),
                 kv,
             )
+        self.registry.drop_states()
 
     async def keep_states(self) -> None:
         """At a clean stop, before anything is freed: every idle agent's KV to its state file
@@ -243,8 +249,8 @@ class Service:
             state = await self.scheduler.state_of(agent) if record is not None else None
             if record is None or state is None:
                 continue
-            data = memoryview(state.buffer).cast("B")[: state.nbytes]  # type: ignore[arg-type]
-            self.registry.save_state(record, state.n_tokens, data, state.layout)
+            data, layout, n_tokens = state
+            self.registry.save_state(record, n_tokens, data, layout)
         await asyncio.to_thread(self.registry.flush)
 
     def _state_from_disk(self, record: AgentRecord) -> int:
@@ -302,7 +308,7 @@ class Service:
     def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
         self._check_open()
-        self._check_owner(request.agent, caller)
+        self.scheduler.owned(request.agent, self.uid if caller is None else caller)
         job = self.scheduler.submit(request)
         job.done.add_done_callback(lambda done: self._count(job, done))
         job.done.add_done_callback(lambda _: self._persist(request.agent))
@@ -420,19 +426,6 @@ class Service:
         if agent is None:  # never registered, or unregistered while this request waited
             raise UnknownAgent(f"no agent {agent_id!r} is registered", agent=agent_id)
         return agent
-
-    def _check_owner(self, agent_id: str, caller: int | None) -> None:
-        """FORBIDDEN unless ``caller`` (None: the daemon's own user) registered the agent;
-        an agent that does not exist is left to the scheduler's UNKNOWN_AGENT."""
-        agent = self.scheduler.agents.get(agent_id)
-        uid = self.uid if caller is None else caller
-        if agent is not None and agent.owner != uid:
-            raise Forbidden(
-                f"agent {agent_id!r} belongs to another user (uid {agent.owner})",
-                agent=agent_id,
-                owner_uid=agent.owner,
-                peer_uid=uid,
-            )
 
     async def expire_auto_agents(self) -> None:
         """Unregister the agents the API made that have been idle past their TTL (run
