@@ -61,6 +61,7 @@ class FakeWorker:
         self.step_s = step_s
         self.log: list[tuple[str, ...]] = []
         self.fail_saves = False  # every copy out raises, as a failed one would
+        self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
 
     async def load(self, path: Path) -> ModelHandle:
         self.log.append(("load", path.stem))
@@ -158,6 +159,8 @@ class FakeWorker:
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
         fake = _fake(ctx)
+        if self.fail_restores:
+            raise EngineError("the fake engine refused the state")
         if state.n_tokens > fake.n_ctx_seq:  # as llama.cpp: no room in the stream
             raise EngineError(f"{state.n_tokens} cells do not fit a {fake.n_ctx_seq}-cell stream")
         fake.seq_len[seq] = state.n_tokens

@@ -55,16 +55,17 @@ def run(
     async def main() -> T:
         worker = FakeWorker()
         ledger = Ledger(cap)
+        reconciler = None
+        if unaccounted is not None:
+            extra = unaccounted
+            reconciler = Reconciler(ledger, lambda: ledger.reserved - ledger.unaccounted + extra)
         room = Residency(
             worker,
             ledger,
             KvStore(park_budget),
             ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
+            reconciler,
         )
-        reconciler = None
-        if unaccounted is not None:
-            extra = unaccounted
-            reconciler = Reconciler(ledger, lambda: ledger.reserved - ledger.unaccounted + extra)
         config = SchedulerConfig(
             models_dir,
             (models_dir,),
@@ -72,7 +73,7 @@ def run(
             keep_alive_s=keep_alive_s,
             park_after_decode=park_after_decode,
         )
-        scheduler = Scheduler(worker, room, config, reconciler)
+        scheduler = Scheduler(worker, room, config)
         loop = asyncio.create_task(scheduler.run())
         try:
             return await asyncio.wait_for(test(scheduler, worker), 20)
@@ -352,6 +353,22 @@ def test_what_the_device_holds_beyond_the_ledger_counts_for_admission(
     assert refused == (None if unaccounted == 0 else "CAP")
 
 
+def test_a_state_the_engine_will_not_take_back_is_dropped_and_the_conversation_prefilled(
+    models_dir: Path,
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        first = await decode(s, "a")  # then parked (forced)
+        assert s.agents["a"].state == "parked"
+        w.fail_restores = True
+        again = await decode(s, "a")
+        assert again.stop_reason is StopReason.LENGTH and not again.restored
+        assert again.cached_tokens == 0
+        assert again.prompt_tokens > first.prompt_tokens  # the whole conversation, prefilled
+
+    run(models_dir, test, park_after_decode=True)
+
+
 def test_an_agents_two_states_move_only_along_their_tables() -> None:
     agent = Agent("a", None, 512, SamplingParams(), None, 0)  # type: ignore[arg-type]
     assert agent.state == "empty"
@@ -368,6 +385,8 @@ def test_an_agents_two_states_move_only_along_their_tables() -> None:
     assert agent.state == "parking"
     agent.place(Memory.PARKED)
     agent.place(Memory.RESTORING)
+    with pytest.raises(RuntimeError):
+        agent.place(Memory.PARKED)  # a failed restore drops the state: only to NONE
     agent.place(Memory.RESIDENT)
     agent.do(Activity.RUNNING)
     assert agent.state == "decoding"

@@ -116,15 +116,16 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
     store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
     worker = LlamaWorker(engine, config.deterministic)
+    # On a GPU the device's own figure is read after every slice, and what it holds beyond the
+    # ledger is charged to the ledger (lmxd.memory.reconcile).
+    reconciler = Reconciler(ledger, NvmlMeter(device.index)) if backend is Backend.CUDA else None
     room = Residency(
         worker,
         ledger,
         store,
         ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
+        reconciler,
     )
-    # On a GPU the device's own figure is read after every slice, and what it holds beyond the
-    # ledger is charged to the ledger (lmxd.memory.reconcile).
-    reconciler = Reconciler(ledger, NvmlMeter(device.index)) if backend is Backend.CUDA else None
     scheduler = Scheduler(
         worker,
         room,
@@ -136,7 +137,6 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
             park_after_decode=config.park_after_decode,
             stream_timeout_s=config.stream_timeout_s,
         ),
-        reconciler,
     )
     limits = Limits(
         config.max_queue,

@@ -8,7 +8,8 @@ Two small state machines, each with its own table of allowed moves (``_MEMORY_MO
         RESIDENT ─(nothing in KV to park; RESET; UNREGISTER)─▶ NONE
         PARKED ─(RESET; UNREGISTER)─▶ NONE
         NONE ─(its state read back from disk after a restart)─▶ PARKED
-        a copy that fails goes back: PARKING ─▶ RESIDENT, RESTORING ─▶ PARKED
+        a copy out that fails goes back: PARKING ─▶ RESIDENT; a state llama.cpp will not take
+        back is dropped: RESTORING ─▶ NONE (the conversation is prefilled)
 
     Activity, what it is doing
         IDLE ─(DECODE)─▶ QUEUED ─(admitted)─▶ RUNNING ─(done)─▶ IDLE, or QUEUED (its next job)
@@ -59,7 +60,7 @@ _MEMORY_MOVES: dict[Memory, set[Memory]] = {
     Memory.RESIDENT: {Memory.PARKING, Memory.NONE},
     Memory.PARKING: {Memory.PARKED, Memory.RESIDENT},
     Memory.PARKED: {Memory.RESTORING, Memory.NONE},
-    Memory.RESTORING: {Memory.RESIDENT, Memory.PARKED},
+    Memory.RESTORING: {Memory.RESIDENT, Memory.NONE},
 }
 
 _ACTIVITY_MOVES: dict[Activity, set[Activity]] = {

@@ -39,7 +39,6 @@ from lmxd.errors import (
 from lmxd.kvstore import ParkedState
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
-from lmxd.memory.reconcile import Reconciler
 from lmxd.modelfile import read_model_info
 from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
@@ -75,13 +74,11 @@ class Scheduler:
         worker: Worker,
         room: Residency,
         config: SchedulerConfig,
-        reconciler: Reconciler | None = None,  # the device's figure, read after every slice
     ) -> None:
         self.worker = worker
         self.room = room
         self.ledger = room.ledger
         self.config = config
-        self.reconciler = reconciler
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -181,9 +178,9 @@ class Scheduler:
     def reconcile(self) -> None:
         """Read the device's figure and charge what it holds beyond the ledger (GPU only):
         before every slice (so after the one before), before a REGISTER's admission, and
-        after an UNREGISTER (so that STATUS shows what it freed)."""
-        if self.reconciler is not None:
-            self.reconciler.reconcile()
+        after an UNREGISTER (so that STATUS shows what it freed); the residency also does
+        after every context it closes."""
+        self.room.reconcile()
 
     def submit(self, request: DecodeRequest) -> Job:
         """Queue a DECODE; the job's ``done`` future carries the reply."""

@@ -38,6 +38,7 @@ from lmxd.errors import LmxdError, ParkBudgetExceeded
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
+from lmxd.memory.reconcile import Reconciler
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.jobs import Job
@@ -78,10 +79,16 @@ class Residency:
     """Contexts, parking and restoring for the scheduler (its asyncio task only)."""
 
     def __init__(
-        self, worker: Worker, ledger: Ledger, store: KvStore, config: ResidencyConfig
+        self,
+        worker: Worker,
+        ledger: Ledger,
+        store: KvStore,
+        config: ResidencyConfig,
+        reconciler: Reconciler | None = None,  # the device's own figure (GPU)
     ) -> None:
         self.worker = worker
         self.ledger = ledger
+        self.reconciler = reconciler
         self.store = store
         self.config = config
         self.slots: dict[str, ModelSlot] = {}
@@ -202,6 +209,14 @@ class Residency:
             self.ledger.release(slot.context_reservation)
             slot.context_reservation = None
         log.info("context closed model=%s ms=%.1f", slot.key, (time.perf_counter() - t0) * 1000)
+        # What the device held for it beyond the ledger (its scratch pools) went with it:
+        # admission retried in this same round of making room must not count it still.
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Charge what the device holds beyond the ledger to it (GPU only: memory/reconcile)."""
+        if self.reconciler is not None:
+            self.reconciler.reconcile()
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -420,10 +435,16 @@ class Residency:
             state = agent.parked
             try:
                 await self.worker.restore(slot.context, seq, state)
-            except LmxdError:
-                slot.seqs[seq], agent.seq = None, None
-                agent.place(Memory.PARKED)
-                raise
+            except LmxdError as exc:
+                # A state llama.cpp will not take (one read back from disk after a restart,
+                # say): it goes, and the job prefills the conversation instead, rather than
+                # failing every DECODE of the agent from now on.
+                log.warning("restore agent=%s failed, prefilling instead: %s", agent.id, exc)
+                self.store.discard(state)
+                agent.parked, agent.kv = None, 0
+                agent.place(Memory.NONE)
+                agent.place(Memory.RESIDENT)
+                return True
             elapsed = time.perf_counter() - t0
             job.timings.restore += elapsed
             job.restored = True

@@ -472,7 +472,7 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
-        ledger = sched.ledger
+        ledger, meter = sched.ledger, sched.room.reconciler
         by_model: dict[str, dict[str, int]] = {}
         by_agent: dict[str, int] = {}
         for slot in sched.room.slots.values():
@@ -489,7 +489,7 @@ class Service:
                 "cap": ledger.cap,
                 "reserved": ledger.reserved,
                 "unaccounted": ledger.unaccounted,
-                "device_measured": None if sched.reconciler is None else sched.reconciler.measured,
+                "device_measured": None if meter is None else meter.measured,
                 "by_owner": ledger.snapshot(),
                 "by_model": by_model,
                 "by_agent": by_agent,
