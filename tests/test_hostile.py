@@ -30,16 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmxd import catalog
+from lmxd.memory.device import resident_bytes
 
 MiB = 1 << 20
-
-
-def rss(pid: int) -> int:
-    """The process's resident memory in bytes (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def error_code(reply: dict[str, Any]) -> str:
@@ -151,7 +144,7 @@ def test_a_client_that_never_reads_is_held_to_bounded_memory_then_dropped() -> N
     with nothing read drops it; its memory grows by a bounded amount."""
     d = Daemon("--stream-timeout", "3")
     try:
-        baseline = rss(d.pid)
+        baseline = resident_bytes(d.pid)
         flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         flood.connect(str(d.socket))
         frames = b"".join(b'{"id": %d, "op": "STATUS"}\n' % i for i in range(200_000))
@@ -169,21 +162,12 @@ def test_a_client_that_never_reads_is_held_to_bounded_memory_then_dropped() -> N
         time.sleep(1.5)
         other = d.wire()
         assert other.ok("STATUS")["agents"] == 0  # another client is served meanwhile
-        peak = rss(d.pid)
+        peak = resident_bytes(d.pid)
         sender.join(30)
-        # the daemon dropped the connection: the send failed, or what was sent went unanswered
-        # past the 256 requests in flight
-        flood.settimeout(10)
-        received = b""
-        try:
-            while chunk := flood.recv(1 << 20):
-                received += chunk
-        except OSError:
-            pass
         flood.close()
-        assert received.count(b"\n") < 200_000
+        # the daemon dropped the connection: the send, blocked since it stopped reading, failed
         assert outcome and isinstance(outcome[0], OSError), outcome
-        peak = max(peak, rss(d.pid))
+        peak = max(peak, resident_bytes(d.pid))
         assert peak - baseline < 64 * MiB, (baseline, peak)
         assert other.ok("STATUS")["agents"] == 0
         assert "disconnected" in d.log()
@@ -341,7 +325,7 @@ def test_after_the_fuzzing_memory_is_back_and_greedy_text_unchanged(fuzzed: Daem
         w.ok("REGISTER", agent="probe", model="smollm2-135m", n_ctx=256)
         expected = w.ok("DECODE", agent="probe", prompt="Once upon a time", max_tokens=12)
         w.ok("UNREGISTER", agent="probe")
-        fresh_rss = rss(fresh.pid)
+        fresh_rss = resident_bytes(fresh.pid)
     finally:
         assert fresh.stop() == 0, fresh.log()
     w = fuzzed.wire()
@@ -352,7 +336,8 @@ def test_after_the_fuzzing_memory_is_back_and_greedy_text_unchanged(fuzzed: Daem
     w.ok("UNREGISTER", agent="probe")
     assert got["text"] == expected["text"]
     assert w.ok("STATUS")["ledger"]["reserved"] == 0
-    assert rss(fuzzed.pid) - fresh_rss < 48 * MiB, (rss(fuzzed.pid), fresh_rss)
+    fuzzed_rss = resident_bytes(fuzzed.pid)
+    assert fuzzed_rss - fresh_rss < 48 * MiB, (fuzzed_rss, fresh_rss)
     assert "internal error" not in fuzzed.log()
 
 

@@ -142,6 +142,15 @@ def _two_turns(d: Daemon, model: str) -> None:
     w.close()
 
 
+def _stopped_after_two_turns(state: Path, model: str) -> None:
+    """A daemon on ``state`` whose agent ``a`` had two turns, then stopped cleanly."""
+    d = Daemon("--park-dir", str(state))
+    try:
+        _two_turns(d, model)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
     tmp_path: Path, model: str
@@ -156,11 +165,7 @@ def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
     finally:
         assert straight.stop() == 0, straight.log()
     state = tmp_path / "state"
-    first = Daemon("--park-dir", str(state))
-    try:
-        _two_turns(first, model)
-    finally:
-        assert first.stop() == 0, first.log()
+    _stopped_after_two_turns(state, model)
     assert (state / "states" / "a.state").is_file()
     second = Daemon("--park-dir", str(state))
     try:
@@ -178,11 +183,7 @@ def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
 
 def test_a_state_file_that_does_not_verify_falls_back_to_prefilling(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    first = Daemon("--park-dir", str(state))
-    try:
-        _two_turns(first, "smollm2-135m")
-    finally:
-        assert first.stop() == 0, first.log()
+    _stopped_after_two_turns(state, "smollm2-135m")
     path = state / "states" / "a.state"
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one byte of the state, not of its header

@@ -23,6 +23,7 @@ from pathlib import Path
 from lmxd.bench.report import Report
 from lmxd.client import AsyncClient
 from lmxd.errors import LmxdError
+from lmxd.memory.device import resident_bytes
 from lmxd.spawn import DaemonProcess
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -31,14 +32,6 @@ N_CTX = 512
 PROMPTS = ("Tell me about the sea.", " And then", "def add(a, b):", " 1, 2, 3,", "Hello")
 OPS = ("register", "decode", "stream", "cancel", "disconnect", "reset", "unregister")
 WEIGHTS = (2, 4, 3, 2, 1, 1, 1)
-
-
-def rss(pid: int) -> int:
-    """A process's resident memory in bytes (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class Books:
@@ -122,7 +115,7 @@ def run(models_dir: Path, out: Path, minutes: float = 10.0) -> Report:
     args = ("--models-dir", str(models_dir), "--max-seqs", "4", "--max-queue", "8")
     with DaemonProcess(*args, "--keep-alive", "0") as daemon:
         asyncio.run(_warm(daemon.socket))
-        start_rss = rss(daemon.pid)
+        start_rss = resident_bytes(daemon.pid)
         t0 = time.monotonic()
         books = asyncio.run(_soak(daemon.socket, minutes * 60))
         elapsed = time.monotonic() - t0
@@ -134,7 +127,7 @@ def run(models_dir: Path, out: Path, minutes: float = 10.0) -> Report:
             return len(agents), int(status["ledger"]["reserved"])
 
         left, reserved = asyncio.run(after())
-        end_rss = rss(daemon.pid)
+        end_rss = resident_bytes(daemon.pid)
         alive = daemon.proc.poll() is None
         log = daemon.log()
     report.add(f"run time ({minutes:g} min of operations, then the books)", elapsed / 60, "min")

@@ -93,8 +93,9 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def resident_bytes(pid: int | None = None) -> int:
+    """Process ``pid``'s resident memory (VmRSS; default: this process)."""
+    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
@@ -102,7 +103,8 @@ def _rss() -> int:
 
 def _probe_host() -> DeviceInfo:
     mem = _meminfo()
-    return DeviceInfo("cpu", "host memory", 0, mem["MemTotal"], mem["MemAvailable"], _rss())
+    free, used = mem["MemAvailable"], resident_bytes()
+    return DeviceInfo("cpu", "host memory", 0, mem["MemTotal"], free, used)
 
 
 def ledger_cap(
