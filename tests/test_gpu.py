@@ -6,8 +6,10 @@ real model files cannot travel there."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,6 +85,57 @@ def test_two_agents_per_model_decode_alike_resident_together_or_parked() -> None
         finally:
             assert d.stop() == 0, d.log()
     assert runs[0] == runs[1]
+
+
+def test_spilled_agents_go_on_exactly_on_the_gpu_and_after_a_kill(tmp_path: Path) -> None:
+    """Four agents take turns on one sequence under a park budget for about two of their
+    states: the others go to disk from page-locked buffers, and come back through ordinary
+    memory, with the greedy text of a daemon with room to spare; after a kill -9 the
+    spilled ones go on from their files."""
+    agents, prompt = ["a", "b", "c", "d"], " and then" * 60
+
+    def rounds(w: Wire, which: range) -> list[str]:
+        return [
+            w.ok("DECODE", agent=a, prompt=f"{prompt} {r}", max_tokens=16)["text"]
+            for r in which
+            for a in agents
+        ]
+
+    runs, state = [], tmp_path / "state"
+    for args in ([], ["--park-budget", "24MiB", "--park-dir", str(state)]):
+        d = Daemon("--max-seqs", "1", *args)
+        try:
+            w = d.wire()
+            for agent in agents:
+                w.ok("REGISTER", agent=agent, model="synth-llama3.2-1b", n_ctx=2048)
+            runs.append(rounds(w, range(3)))
+            time.sleep(0.5)  # idle: parked states spill to three quarters of the budget
+            transfers = w.ok("STATUS")["transfers"]
+            listed = {a["agent"]: a["state"] for a in w.ok("LIST")["agents"]}
+        finally:
+            if args:
+                d.proc.send_signal(signal.SIGKILL)
+                d.proc.wait(30)
+            else:
+                runs.append(rounds(d.wire(), range(3, 4)))
+                assert d.stop() == 0, d.log()
+    assert runs[2] == runs[0]
+    assert transfers["spills"] > 0 and transfers["disk_reads"] > 0, transfers
+    spilled = {a for a, s in listed.items() if s == "spilled"}
+    print(
+        f"spills {transfers['spills']}: {transfers['spill_bytes'] / transfers['spill_s'] / 1e9:.2f}"
+        f" GB/s; reads back {transfers['disk_reads']}: "
+        f"{transfers['disk_read_bytes'] / transfers['disk_read_s'] / 1e9:.2f} GB/s; "
+        f"spilled at the kill: {sorted(spilled)}"
+    )
+    d = Daemon("--max-seqs", "1", "--park-budget", "24MiB", "--park-dir", str(state))
+    try:
+        w = d.wire()
+        after = {a["agent"]: a["state"] for a in w.ok("LIST")["agents"]}
+        assert {a for a, s in after.items() if s == "spilled"} == spilled
+        assert rounds(w, range(3, 4)) == runs[1]
+    finally:
+        assert d.stop() == 0, d.log()
 
 
 def test_the_cap_is_never_crossed() -> None:

@@ -10,10 +10,12 @@ its conversation, and a directory that cannot be written is reported while the d
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,8 @@ def test_agents_come_back_after_a_restart(tmp_path: Path, stop: str) -> None:
             was = before[name]
             for key in ("model", "n_ctx", "tokens", "owner"):
                 assert agent[key] == was[key], (name, key, agent, was)
-            if stop == "sigterm":  # a clean stop wrote its KV: it is parked with it
-                assert agent["state"] == "parked" and agent["kv_tokens"] > 0
+            if stop == "sigterm":  # a clean stop wrote its KV: it is back with its file
+                assert agent["state"] == "spilled" and agent["kv_tokens"] > 0
             else:  # killed: its KV did not survive
                 assert agent["state"] == "empty" and agent["kv_tokens"] == 0
         registry = w.ok("STATUS")["registry"]
@@ -171,7 +173,7 @@ def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
     try:
         w = second.wire()
         [agent] = w.ok("LIST")["agents"]
-        assert agent["state"] == "parked" and agent["kv_tokens"] > 0
+        assert agent["state"] == "spilled" and agent["kv_tokens"] > 0
         got = w.ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=12)
         assert got["text"] == expected["text"]
         assert got["restored"] and got["cached_tokens"] > 0
@@ -181,22 +183,65 @@ def test_after_a_clean_stop_an_agent_goes_on_exactly_where_it_was(
         assert second.stop() == 0, second.log()
 
 
-def test_a_state_file_that_does_not_verify_falls_back_to_prefilling(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    _stopped_after_two_turns(state, "smollm2-135m")
-    path = state / "states" / "a.state"
+def _rewrite_header(path: Path, **fields: object) -> None:
+    header, data = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(json.dumps({**json.loads(header), **fields}).encode() + b"\n" + data)
+
+
+def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one byte of the state, not of its header
     path.write_bytes(bytes(data))
+
+
+# Each way a state file can be wrong, and the reason the daemon gives for not using it.
+BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "corrupted": (_flip_a_byte, "checksum does not match"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-1000]), "truncated"),
+    "another model": (
+        lambda p: _rewrite_header(p, model_size=123),
+        "for another agent or model file",
+    ),
+    "another llama.cpp": (
+        lambda p: _rewrite_header(p, llama_cpp="0.0.1"),
+        "written by llama-cpp-python 0.0.1",
+    ),
+    "another conversation": (
+        lambda p: _rewrite_header(p, tokens_crc32=12345),
+        "holds another conversation",
+    ),
+    "not a header": (lambda p: p.write_bytes(b"\x00" * 5000), "header cannot be read"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_FILES))
+def test_a_state_file_that_does_not_verify_falls_back_to_prefilling(
+    tmp_path: Path, bad: str
+) -> None:
+    """Never a wrong continuation: the conversation is prefilled instead, and the greedy
+    text is the one the agent would have given without the restart."""
+    straight = Daemon()
+    try:
+        _two_turns(straight, "smollm2-135m")
+        expected = straight.wire().ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=12)
+    finally:
+        assert straight.stop() == 0, straight.log()
+    state = tmp_path / "state"
+    _stopped_after_two_turns(state, "smollm2-135m")
+    spoil, why = BAD_FILES[bad]
+    spoil(state / "states" / "a.state")
     second = Daemon("--park-dir", str(state))
     try:
         w = second.wire()
         [agent] = w.ok("LIST")["agents"]
-        assert agent["state"] == "empty" and agent["tokens"] > 0
-        assert w.ok("STATUS")["registry"]["states_restored"] == 0
-        got = w.ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=4)
-        assert got["cached_tokens"] == 0 and not got["restored"] and got["generated_tokens"] > 0
-        assert "checksum does not match" in second.log()
+        assert agent["tokens"] > 0
+        got = w.ok("DECODE", agent="a", prompt=TURNS[2], max_tokens=12)
+        assert got["cached_tokens"] == 0 and not got["restored"]
+        assert got["text"] == expected["text"]
+        disk = w.ok("STATUS")["disk"]
+        assert disk["rejected"] == 1 and why in disk["last_error"], disk
+        assert why in second.log()
+        assert not (state / "states" / "a.state").exists()
     finally:
         assert second.stop() == 0, second.log()
 

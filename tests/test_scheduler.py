@@ -18,7 +18,8 @@ import pytest
 from fake_worker import REFUSED, FakeWorker
 
 from lmxd.engine.sampling import SamplingParams
-from lmxd.errors import Busy, InvalidInput, LedgerDenied
+from lmxd.errors import Busy, InvalidInput, LedgerDenied, ParkBudgetExceeded
+from lmxd.kvdisk import DiskTier
 from lmxd.kvstore import KvStore
 from lmxd.memory.estimator import Backend
 from lmxd.memory.ledger import Ledger
@@ -51,6 +52,7 @@ def run(
     max_queue: int = 64,
     park_after_decode: bool = False,
     unaccounted: int | None = None,  # a device that holds this much beyond the ledger
+    disk: Path | None = None,  # state files for spills (lmxd.kvdisk)
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
@@ -65,6 +67,7 @@ def run(
             KvStore(park_budget),
             ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
             reconciler,
+            DiskTier(disk) if disk is not None else None,
         )
         config = SchedulerConfig(
             models_dir,
@@ -610,3 +613,136 @@ def test_copies_written_ahead_make_way_for_a_park_when_the_budget_is_spent(
         assert s.agents["a"].copy is None and s.agents["a"].state == "resident"
 
     run(models_dir, test, max_seqs=1, park_budget=1 << 20)
+
+
+def test_a_park_past_the_budget_spills_the_least_recently_used_parked_agent(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """The park budget holds one state: parking b spills a to its file, and a's next job
+    reads it back and restores it; the file is read once."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        await decode(s, "a")
+        kv_a = s.agents["a"].kv_tokens
+        await decode(s, "b")  # a is parked in RAM, which it fills
+        result = await decode(s, "c")  # b is parked: a goes to disk to make room
+        assert result.parked == ["b"] and s.agents["b"].state == "parked"
+        assert s.agents["a"].state == "spilled" and s.agents["a"].kv_tokens == kv_a
+        assert (tmp_path / "a.state").is_file() and s.room.disk is not None
+        assert s.room.disk.files == 1 and s.room.transfers.spills == 1
+        result = await decode(s, "a")
+        assert result.restored and result.cached_tokens == kv_a
+        assert ("restore", "SmolLM2-135M-Instruct.Q4_1", "0", str(kv_a)) in w.log
+        assert not (tmp_path / "a.state").exists()  # read once
+        assert s.room.transfers.disk_reads == 1
+        # c was parked for a, and b went to disk to make room
+        assert s.agents["b"].state == "spilled" and s.room.disk.files == 1
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=tmp_path)
+
+
+def test_while_idle_parked_agents_spill_until_a_quarter_of_the_budget_is_free(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        names = ["a", "b", "c", "d", "e"]
+        for name in names:
+            await register(s, name)
+            await decode(s, name)  # the one before is parked: four 1 MiB states in the end
+        await asyncio.sleep(0.3)
+        states = {n: s.agents[n].state for n in names}
+        assert states == {
+            "a": "spilled",
+            "b": "parked",
+            "c": "parked",
+            "d": "parked",
+            "e": "resident",
+        }
+        parked = [a.parked for a in s.agents.values() if a.parked is not None]
+        assert sum(len(p.buffer) for p in parked) == 3 << 20  # e's copy ahead takes the rest
+
+    run(models_dir, test, max_seqs=1, park_budget=4 << 20, disk=tmp_path)
+
+
+def test_a_disk_that_refuses_a_spill_loses_nothing(models_dir: Path, tmp_path: Path) -> None:
+    """The state stays parked in RAM; the job that needed the room fails with the reason;
+    once the disk takes writes again, the same job succeeds, and the parked agent comes
+    back whole."""
+    blocked = tmp_path / "states"
+    blocked.write_text("a file where the directory should be")
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+        await decode(s, "a")
+        kv_a = s.agents["a"].kv_tokens
+        await decode(s, "b")
+        with pytest.raises(ParkBudgetExceeded):
+            await decode(s, "c")
+        assert s.agents["a"].state == "parked" and s.agents["b"].state == "resident"
+        disk = s.room.disk
+        assert disk is not None and disk.errors >= 1 and str(blocked) in str(disk.last_error)
+        blocked.unlink()
+        result = await decode(s, "c")
+        assert result.parked == ["b"] and s.agents["a"].state == "spilled"
+        result = await decode(s, "a")  # c parked: b goes to disk, then a's file is read back
+        assert result.restored and result.cached_tokens == kv_a
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=blocked)
+
+
+def test_the_agent_a_park_makes_room_for_is_spilled_last(models_dir: Path, tmp_path: Path) -> None:
+    """With room for one parked state: a, parked, comes back by going to disk first, as b's
+    park needs its room before a's restore frees it."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        await register(s, "b")
+        await decode(s, "a")
+        kv_a = s.agents["a"].kv_tokens
+        await decode(s, "b")
+        result = await decode(s, "a")
+        assert result.parked == ["b"] and result.restored and result.cached_tokens == kv_a
+        assert s.room.transfers.spills == s.room.transfers.disk_reads == 1
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=tmp_path)
+
+
+def test_a_state_file_that_does_not_verify_is_prefilled_instead(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+            await decode(s, name)
+        assert s.agents["a"].state == "spilled"
+        path = tmp_path / "a.state"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        result = await decode(s, "a")
+        assert not result.restored and result.cached_tokens == 0
+        assert s.room.disk is not None and s.room.disk.rejected == 1
+        assert "checksum does not match" in str(s.room.disk.last_error)
+        assert not path.exists()
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=tmp_path)
+
+
+@pytest.mark.parametrize("op", ["reset", "unregister"])
+def test_a_spilled_agent_reset_or_unregistered_leaves_no_file(
+    models_dir: Path, tmp_path: Path, op: str
+) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("a", "b", "c"):
+            await register(s, name)
+            await decode(s, name)
+        assert s.agents["a"].state == "spilled" and (tmp_path / "a.state").is_file()
+        await (s.reset("a", 0) if op == "reset" else s.unregister("a", 0))
+        assert s.room.disk is not None
+        await s.room.disk.flush()
+        assert not (tmp_path / "a.state").exists() and s.room.disk.files == 0
+
+    run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=tmp_path)

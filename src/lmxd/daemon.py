@@ -23,6 +23,7 @@ from lmxd.fronts import jsonl, text
 from lmxd.fronts.http import HttpConfig, check_exposure
 from lmxd.fronts.http.app import HttpFront
 from lmxd.fronts.unix import Connection, Front, UnixServer
+from lmxd.kvdisk import DiskTier
 from lmxd.kvstore import KvStore
 from lmxd.memory.device import NvmlMeter, ledger_cap, probe_device
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
@@ -60,7 +61,8 @@ class DaemonConfig:
     auto_agent_ttl_s: float = 600.0
     # A client that reads nothing this long: its stream is cancelled, its socket closed.
     stream_timeout_s: float = 30.0
-    park_dir: Path | None = None  # agents kept on disk for a restart (lmxd.registry); None: not
+    # Agents (lmxd.registry) and parked state past the budget (lmxd.kvdisk); None: neither.
+    park_dir: Path | None = None
 
 
 def claim_socket(path: Path) -> None:
@@ -125,6 +127,9 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
         store,
         ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
         reconciler,
+        # Parked state past the --park-budget goes to disk (lmxd.kvdisk), as does every idle
+        # agent's KV at a clean stop.
+        DiskTier(config.park_dir / "states") if config.park_dir is not None else None,
     )
     scheduler = Scheduler(
         worker,
@@ -201,6 +206,8 @@ async def run(config: DaemonConfig) -> None:
         await asyncio.sleep(0.05)
         if service.registry is not None:
             service.registry.close()  # the agents' last writes land
+        if scheduler.room.disk is not None:
+            scheduler.room.disk.close()
         if http is not None:
             await http.stop()
         await server.stop()

@@ -50,6 +50,7 @@ class ModelInfo:
 
     path: Path
     file_size: int
+    mtime_ns: int  # with ``file_size``, what tells this file from a later one at the same path
     architecture: str
     name: str
     n_layer: int
@@ -90,7 +91,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
 
 
 @functools.lru_cache(maxsize=64)
-def _read_model_info(path: Path, file_size: int, _mtime_ns: int) -> ModelInfo:
+def _read_model_info(path: Path, file_size: int, mtime_ns: int) -> ModelInfo:
     with path.open("rb") as f:
         magic = f.read(4)
         if magic != GGUF_MAGIC:
@@ -118,7 +119,7 @@ def _read_model_info(path: Path, file_size: int, _mtime_ns: int) -> ModelInfo:
         TensorInfo(name, type_name, n_elements, size)
         for name, ((type_name, n_elements), size, _) in tensors.items()
     )
-    return _model_info(path, file_size, _Fields(fields), infos)
+    return _model_info(path, file_size, mtime_ns, _Fields(fields), infos)
 
 
 class _Truncated(Exception):
@@ -255,7 +256,7 @@ def _swa_layers(fields: _Fields, arch: str, n_layer: int, n_swa: int) -> tuple[b
 
 
 def _model_info(
-    path: Path, file_size: int, fields: _Fields, tensors: tuple[TensorInfo, ...]
+    path: Path, file_size: int, mtime_ns: int, fields: _Fields, tensors: tuple[TensorInfo, ...]
 ) -> ModelInfo:
     arch = str(fields.require("general.architecture"))
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -284,6 +285,7 @@ def _model_info(
     return ModelInfo(
         path=path,
         file_size=file_size,
+        mtime_ns=mtime_ns,
         architecture=arch,
         name=str(fields.get("general.name") or path.stem),
         n_layer=n_layer,

@@ -210,6 +210,7 @@ def status(as_json: bool, socket_path: Path | None) -> None:
         ("ledger free", free),
         ("parked in host RAM", got.get("parked_host_bytes")),
         ("park budget", got.get("park_budget")),
+        ("parked on disk", (got.get("disk") or {}).get("bytes")),
     ]:
         table.add_row(name, _bytes(n))
     console.print(table)

@@ -61,7 +61,11 @@ from lmxd.units import parse_bytes
     help="Behave as a card of this size, e.g. 8GiB (on CPU: host memory).",
 )
 @click.option(
-    "--park-budget", default="8GiB", show_default=True, help="Host RAM for parked agents' KV state."
+    "--park-budget",
+    default="8GiB",
+    show_default=True,
+    help="Host RAM for parked agents' KV state; past it, the least recently used parked states "
+    "go to disk under --park-dir.",
 )
 @click.option(
     "--keep-alive",
@@ -146,9 +150,9 @@ from lmxd.units import parse_bytes
 @click.option(
     "--park-dir",
     default=None,
-    help="Where agents are kept for a restart (each agent's model, settings and conversation, "
-    "and at a clean stop its KV; default: the user's state directory, lmxd/ in it); `off` "
-    "keeps none.",
+    help="Where agents are kept for a restart (each agent's model, settings and conversation), "
+    "and parked KV past --park-budget and at a clean stop (default: the user's state "
+    "directory, lmxd/ in it); `off` keeps none.",
 )
 @click.option(
     "--max-seqs",

@@ -5,11 +5,13 @@ Two small state machines, each with its own table of allowed moves (``_MEMORY_MO
 
     Memory, where its KV is
         NONE ─(seated)─▶ RESIDENT ─▶ PARKING ─▶ PARKED ─▶ RESTORING ─▶ RESIDENT
+        PARKED ─(host RAM for parked state is short)─▶ SPILLING ─▶ SPILLED ─▶ RESTORING
         RESIDENT ─(nothing in KV to park; RESET; UNREGISTER)─▶ NONE
-        PARKED ─(RESET; UNREGISTER)─▶ NONE
-        NONE ─(its state read back from disk after a restart)─▶ PARKED
-        a copy out that fails goes back: PARKING ─▶ RESIDENT; a state llama.cpp will not take
-        back is dropped: RESTORING ─▶ NONE (the conversation is prefilled)
+        PARKED, SPILLED ─(RESET; UNREGISTER)─▶ NONE
+        NONE ─(its state file found after a restart)─▶ SPILLED
+        a copy out that fails goes back: PARKING ─▶ RESIDENT, SPILLING ─▶ PARKED; a state
+        that llama.cpp will not take back, or a file that does not verify, is dropped:
+        RESTORING ─▶ NONE (the conversation is prefilled)
 
     Activity, what it is doing
         IDLE ─(DECODE)─▶ QUEUED ─(admitted)─▶ RUNNING ─(done)─▶ IDLE, or QUEUED (its next job)
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from lmxd.chat.messages import ChatMessage
 from lmxd.engine.sampling import SamplingParams
+from lmxd.kvdisk import SpilledState
 from lmxd.kvstore import ParkedState
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class Memory(StrEnum):
     RESIDENT = "resident"  # in a sequence of its model's context
     PARKING = "parking"  # on its way to host RAM
     PARKED = "parked"  # in host RAM
+    SPILLING = "spilling"  # on its way from host RAM to its state file
+    SPILLED = "spilled"  # in its state file only (lmxd.kvdisk)
     RESTORING = "restoring"  # on its way back into a sequence
 
 
@@ -56,10 +61,12 @@ class Activity(StrEnum):
 
 
 _MEMORY_MOVES: dict[Memory, set[Memory]] = {
-    Memory.NONE: {Memory.RESIDENT, Memory.PARKED},
+    Memory.NONE: {Memory.RESIDENT, Memory.SPILLED},
     Memory.RESIDENT: {Memory.PARKING, Memory.NONE},
     Memory.PARKING: {Memory.PARKED, Memory.RESIDENT},
-    Memory.PARKED: {Memory.RESTORING, Memory.NONE},
+    Memory.PARKED: {Memory.RESTORING, Memory.SPILLING, Memory.NONE},
+    Memory.SPILLING: {Memory.SPILLED, Memory.PARKED},
+    Memory.SPILLED: {Memory.RESTORING, Memory.NONE},
     Memory.RESTORING: {Memory.RESIDENT, Memory.NONE},
 }
 
@@ -71,7 +78,12 @@ _ACTIVITY_MOVES: dict[Activity, set[Activity]] = {
 
 # The one word STATUS and LIST show for an agent (docs/protocol.md): a copy in progress,
 # else what it is doing, else where its idle KV is.
-_SHOWN = {Memory.NONE: "empty", Memory.RESIDENT: "resident", Memory.PARKED: "parked"}
+_SHOWN = {
+    Memory.NONE: "empty",
+    Memory.RESIDENT: "resident",
+    Memory.PARKED: "parked",
+    Memory.SPILLED: "spilled",
+}
 
 
 @dataclass(eq=False)  # identity: agents are kept in sets and compared by who they are
@@ -95,6 +107,7 @@ class Agent:
     seq: int | None = None  # sequence id while resident
     kv: int = 0  # tokens its sequence holds while resident, as the engine last reported
     parked: ParkedState | None = None  # saved state while parked
+    spilled: SpilledState | None = None  # its state file while spilled
     # While resident and idle: a copy of its KV written ahead of need (when the engine had
     # nothing to do), so that parking it is only freeing its cells. Gone when a job starts.
     copy: ParkedState | None = None
@@ -119,9 +132,9 @@ class Agent:
 
     @property
     def state(self) -> str:
-        """One word for STATUS and LIST: ``empty``, ``resident``, ``parked``, ``queued``,
-        ``decoding``, ``parking`` or ``restoring``."""
-        if self.memory in (Memory.PARKING, Memory.RESTORING):
+        """One word for STATUS and LIST: ``empty``, ``resident``, ``parked``, ``spilled``,
+        ``queued``, ``decoding``, ``parking``, ``spilling`` or ``restoring``."""
+        if self.memory in (Memory.PARKING, Memory.SPILLING, Memory.RESTORING):
             return self.memory.value
         if self.activity is Activity.RUNNING:
             return "decoding"
@@ -131,7 +144,8 @@ class Agent:
 
     @property
     def kv_tokens(self) -> int:
-        """Tokens of this agent's conversation held in KV (resident or parked)."""
+        """Tokens of this agent's conversation held in KV (resident, parked or spilled)."""
         if self.seq is not None:
             return self.kv
-        return self.parked.n_tokens if self.parked is not None else 0
+        state = self.parked or self.spilled
+        return state.n_tokens if state is not None else 0

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmxd.chat.messages import ChatMessage
-from lmxd.engine.context import StateLayout
 from lmxd.engine.sampling import SamplingParams
 from lmxd.engine.stepper import SeqReport, SliceControl
 from lmxd.engine.worker import Worker
@@ -36,7 +35,6 @@ from lmxd.errors import (
     ParkBudgetExceeded,
     UnknownAgent,
 )
-from lmxd.kvstore import ParkedState
 from lmxd.memory.estimator import check_n_ctx
 from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
@@ -145,35 +143,25 @@ class Scheduler:
         text_bos: bool,
         reply_at: int,
         history: list[ChatMessage],
-    ) -> None:
-        """Give an agent just registered again (after a restart) the conversation it had: its
-        next DECODE prefills it, as KV did not survive."""
+    ) -> int:
+        """Give an agent just registered again (after a restart) the conversation it had, and
+        the KV of it that its state file holds, if one matches (it is then spilled, and its
+        next DECODE restores from the file; else that DECODE prefills the conversation).
+        Returns the cells of KV found."""
         agent = self._agent(agent_id)
         agent.tokens, agent.text, agent.text_bos = list(tokens), text, text_bos
         agent.reply_at, agent.history = reply_at, list(history)
+        self.room.found_on_disk(agent)
+        return agent.kv_tokens
 
-    def park_from_disk(self, agent_id: str, state: ParkedState) -> None:
-        """An agent registered again after a restart gets the KV state it had: it is parked,
-        and its next DECODE restores it."""
-        agent = self._agent(agent_id)
-        agent.parked = state
-        agent.place(Memory.PARKED)
-
-    async def state_of(self, agent: Agent) -> tuple[bytes, StateLayout, int] | None:
-        """An idle agent's KV (its bytes, their layout, the cells they hold), copied out of the
-        store under the lock, so that no park or drop can reuse the memory while it is
-        written; None if it has none, is decoding, or the park budget is spent. For a clean
-        stop."""
+    async def keep_states(self, skip: set[str]) -> None:
+        """At a clean stop, before anything is freed: every idle agent's KV (but ``skip``'s)
+        to its state file, written before this returns. An agent decoding now keeps its
+        conversation only, and prefills it after the restart."""
         async with self._lock:
-            if not agent.idle or agent.kv_tokens == 0:
-                return None
-            if agent.memory is Memory.RESIDENT and agent.copy is None:
-                await self.room.write_ahead(agent)
-            state = agent.parked if agent.memory is Memory.PARKED else agent.copy
-            if state is None:
-                return None
-            data = bytes(memoryview(state.buffer).cast("B")[: state.nbytes])  # type: ignore[arg-type]
-            return data, state.layout, state.n_tokens
+            for agent in self.agents.values():
+                if agent.idle and agent.kv_tokens and agent.id not in skip:
+                    await self.room.keep(agent)
 
     def reconcile(self) -> None:
         """Read the device's figure and charge what it holds beyond the ledger (GPU only):
@@ -338,9 +326,10 @@ class Scheduler:
                 await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
 
     async def _idle(self) -> None:
-        """Wait for work; meanwhile, once idle for a moment, write idle agents' KV ahead of
-        need, one copy at a time, stopping as soon as work arrives (it then waits for one
-        copy at most)."""
+        """Wait for work; meanwhile, once idle for a moment, spill parked agents to disk
+        while more than three quarters of the park budget is used, then write idle agents'
+        KV ahead of need: one at a time, stopping as soon as work arrives (it then waits for
+        one copy at most)."""
         try:
             await asyncio.wait_for(self._wake.wait(), _WRITE_AHEAD_AFTER_S)
             return
@@ -348,6 +337,10 @@ class Scheduler:
             pass
         while not self._wake.is_set():
             async with self._lock:
+                if (agent := self.room.next_to_spill(idle=True)) is not None:
+                    if await self.room.spill(agent):
+                        continue
+                    break  # the disk refused: try again when next idle
                 agent = self.room.next_to_copy()
                 if agent is None or not await self.room.write_ahead(agent):
                     break

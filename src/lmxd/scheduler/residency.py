@@ -17,6 +17,15 @@ later is only freeing its cells, so the job that needs its sequence does not wai
 The copy goes when the agent's next job starts, and copies make way when a park needs the
 budget.
 
+Spilling, with a park directory (lmxd.kvdisk): when a park finds the host-RAM budget spent,
+the least recently used parked agents are written to their state files and their RAM goes to
+the park; while the engine has nothing to do, parked agents are spilled the same way until
+their states take three quarters of the budget or less, so that the next parks find room in
+RAM and go at memory speed, not at the disk's (copies written ahead do not count: they make
+way by themselves). A spilled agent's next job reads its file back before
+its restore. A write that fails leaves the state in RAM: nothing is lost, the park that
+needed the room waits or fails as without a disk.
+
 KV by use, not by promise: each sequence has a KV stream of its own, sized for what the
 model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx)
 and a quarter more, rounded up to a power of two; the ledger charges that. 96 agents at n_ctx
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 from lmxd.engine.context import KV_PAD, ContextParams
 from lmxd.engine.worker import Worker
 from lmxd.errors import LmxdError, ParkBudgetExceeded
+from lmxd.kvdisk import DiskTier, StateOwner
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
@@ -65,6 +75,12 @@ class Transfers:
     restores: int = 0
     restore_bytes: int = 0
     restore_s: float = 0.0
+    spills: int = 0
+    spill_bytes: int = 0
+    spill_s: float = 0.0
+    disk_reads: int = 0  # restores whose state came back from its file first
+    disk_read_bytes: int = 0
+    disk_read_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,11 +101,13 @@ class Residency:
         store: KvStore,
         config: ResidencyConfig,
         reconciler: Reconciler | None = None,  # the device's own figure (GPU)
+        disk: DiskTier | None = None,  # state files under the park directory, if any
     ) -> None:
         self.worker = worker
         self.ledger = ledger
         self.reconciler = reconciler
         self.store = store
+        self.disk = disk
         self.config = config
         self.slots: dict[str, ModelSlot] = {}
         self.transfers = Transfers()
@@ -241,7 +259,7 @@ class Residency:
         t0 = time.perf_counter()
         try:
             if agent.copy is None:
-                agent.copy = await self._save(agent)
+                agent.copy = await self._save(agent, job)
             if agent.copy is not None:
                 await self.worker.clear(ctx, seq)
         except LmxdError:
@@ -275,12 +293,19 @@ class Residency:
         )
         return True
 
-    async def _save(self, agent: Agent) -> ParkedState | None:
+    async def _save(self, agent: Agent, job: Job | None) -> ParkedState | None:
         """A copy of ``agent``'s KV in the store. When the budget is spent, copies written
-        ahead for other agents make way: they are only there to make parks faster."""
+        ahead for other agents make way (they are only there to make parks faster), then
+        parked agents are spilled to disk, least recently used first, the one ``job`` is for
+        last (its state is read back from disk then)."""
         assert agent.slot.context is not None and agent.seq is not None
         state = await self.worker.save(agent.slot.context, agent.seq, self.store)
         if state is None and self._discard_copies():
+            state = await self.worker.save(agent.slot.context, agent.seq, self.store)
+        last = job.agent if job is not None else None
+        while state is None and (spilled := self.next_to_spill(last)) is not None:
+            if not await self.spill(spilled):
+                break
             state = await self.worker.save(agent.slot.context, agent.seq, self.store)
         return state
 
@@ -328,6 +353,88 @@ class Residency:
         self.transfers.copy_ahead_s += time.perf_counter() - t0
         return True
 
+    # -- the disk tier -----------------------------------------------------------------------
+
+    def next_to_spill(self, last: Agent | None = None, idle: bool = False) -> Agent | None:
+        """The parked agent to spill to disk: idle ones before queued ones (whose restore is
+        near), least recently used first, and ``last`` (the agent a park makes room for)
+        only when no other is left; None without a disk tier. ``idle``: for spills while the
+        engine has nothing to do, only while parked states take more than three quarters of
+        the budget."""
+        if self.disk is None:
+            return None
+        parked = [
+            a for s in self.slots.values() for a in s.agents.values() if a.memory is Memory.PARKED
+        ]
+        held = sum(len(a.parked.buffer) for a in parked if a.parked is not None)
+        if idle and held <= self.store.budget * 3 // 4:
+            return None
+        return min(parked, key=lambda a: (a is last, not a.idle, a.last_used), default=None)
+
+    async def spill(self, agent: Agent) -> bool:
+        """Write a parked agent's state to its file and give its RAM back to the store.
+        False if the write failed: the state stays parked in RAM."""
+        assert self.disk is not None and agent.parked is not None
+        agent.place(Memory.SPILLING)
+        state, t0 = agent.parked, time.perf_counter()
+        spilled = await self.disk.write(self._owner(agent), state)
+        if spilled is None:
+            agent.place(Memory.PARKED)
+            return False
+        self.store.free(state)
+        agent.parked, agent.spilled = None, spilled
+        agent.place(Memory.SPILLED)
+        elapsed = time.perf_counter() - t0
+        self.transfers.spills += 1
+        self.transfers.spill_bytes += spilled.nbytes
+        self.transfers.spill_s += elapsed
+        log.info(
+            "spill agent=%s model=%s tokens=%d bytes=%d ms=%.1f",
+            agent.id,
+            agent.slot.key,
+            spilled.n_tokens,
+            spilled.nbytes,
+            elapsed * 1000,
+        )
+        return True
+
+    async def keep(self, agent: Agent) -> None:
+        """At a clean stop: an idle agent's KV to its state file, wherever it is now (a
+        resident one's copied to host RAM first, if the budget allows)."""
+        if self.disk is None or agent.memory is Memory.SPILLED:
+            return
+        if agent.memory is Memory.RESIDENT and agent.kv > 0 and agent.copy is None:
+            await self.write_ahead(agent)
+        state = agent.parked if agent.memory is Memory.PARKED else agent.copy
+        if state is not None:
+            await self.disk.write(self._owner(agent), state)
+
+    def found_on_disk(self, agent: Agent) -> bool:
+        """An agent registered again after a restart takes its state file, if one matches
+        its conversation: it is spilled, and its next job restores from it."""
+        spilled = self.disk.find(self._owner(agent)) if self.disk is not None else None
+        if spilled is None:
+            return False
+        agent.spilled = spilled
+        agent.place(Memory.SPILLED)
+        return True
+
+    async def _read_back(self, agent: Agent) -> ParkedState | None:
+        """A spilled agent's state from its file (None if it does not verify)."""
+        assert self.disk is not None and agent.spilled is not None
+        t0 = time.perf_counter()
+        state = await self.disk.read(self._owner(agent), agent.spilled)
+        agent.spilled = None
+        if state is not None:
+            self.transfers.disk_reads += 1
+            self.transfers.disk_read_bytes += state.nbytes
+            self.transfers.disk_read_s += time.perf_counter() - t0
+        return state
+
+    @staticmethod
+    def _owner(agent: Agent) -> StateOwner:
+        return StateOwner(agent.id, agent.slot.info, agent.tokens)
+
     async def drop(self, agent: Agent) -> None:
         """Forget an agent's KV wherever it is (RESET, UNREGISTER)."""
         slot = agent.slot
@@ -339,6 +446,10 @@ class Residency:
         if agent.copy is not None:
             self.store.discard(agent.copy)
             agent.copy = None
+        if agent.spilled is not None:
+            assert self.disk is not None
+            self.disk.remove(agent.id)
+            agent.spilled = None
         agent.seq, agent.parked, agent.kv = None, None, 0
         if agent.memory is not Memory.NONE:
             agent.place(Memory.NONE)
@@ -427,20 +538,25 @@ class Residency:
             assert seq is not None
         assert slot.context is not None
         slot.seqs[seq], agent.seq = agent.id, seq
-        if agent.parked is None:
+        if agent.memory is Memory.NONE:
             agent.place(Memory.RESIDENT)
         else:
+            from_disk = agent.memory is Memory.SPILLED
             agent.place(Memory.RESTORING)
             t0 = time.perf_counter()
-            state = agent.parked
+            state = await self._read_back(agent) if from_disk else agent.parked
             try:
-                await self.worker.restore(slot.context, seq, state)
+                if state is not None:
+                    await self.worker.restore(slot.context, seq, state)
             except LmxdError as exc:
-                # A state llama.cpp will not take (one read back from disk after a restart,
-                # say): it goes, and the job prefills the conversation instead, rather than
-                # failing every DECODE of the agent from now on.
                 log.warning("restore agent=%s failed, prefilling instead: %s", agent.id, exc)
-                self.store.discard(state)
+                if state is not None and not from_disk:
+                    self.store.discard(state)
+                state = None
+            if state is None:
+                # A state file that did not verify, or a state llama.cpp would not take (one
+                # from before a restart, say): it is gone, and the job prefills the
+                # conversation instead, rather than failing every DECODE of the agent.
                 agent.parked, agent.kv = None, 0
                 agent.place(Memory.NONE)
                 agent.place(Memory.RESIDENT)
@@ -451,15 +567,17 @@ class Residency:
             self.transfers.restores += 1
             self.transfers.restore_bytes += state.nbytes
             self.transfers.restore_s += elapsed
-            self.store.free(state)
+            if not from_disk:  # a state read from disk is in ordinary memory, not the store's
+                self.store.free(state)
             agent.parked, agent.kv = None, state.n_tokens
             agent.place(Memory.RESIDENT)
             log.info(
-                "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f",
+                "restore agent=%s model=%s tokens=%d bytes=%d ms=%.2f from_disk=%s",
                 agent.id,
                 slot.key,
                 state.n_tokens,
                 state.nbytes,
                 job.timings.restore * 1000,
+                from_disk,
             )
         return True

@@ -32,7 +32,6 @@ from lmxd.errors import (
     ShuttingDown,
     UnknownAgent,
 )
-from lmxd.kvstore import ParkedState
 from lmxd.memory.device import probe_device
 from lmxd.memory.estimator import estimate
 from lmxd.registry import FORMAT as REGISTRY_FORMAT
@@ -169,8 +168,6 @@ class Service:
         )
         if kept:
             self._persist(agent)
-            if self.registry is not None:
-                self.registry.drop_state(agent)
         return Registered(
             agent=got.id, model=got.slot.key, n_ctx=got.n_ctx, path=str(got.slot.path)
         )
@@ -178,8 +175,6 @@ class Service:
     async def reset(self, agent: str, caller: int | None = None) -> None:
         await self.scheduler.reset(agent, self.uid if caller is None else caller)
         self._persist(agent)
-        if self.registry is not None:
-            self.registry.drop_state(agent)
 
     async def unregister(self, agent: str, caller: int | None = None) -> None:
         await self.scheduler.unregister(agent, self.uid if caller is None else caller)
@@ -207,21 +202,17 @@ class Service:
                 log.warning("agent %s not registered again: %s", record.agent, exc)
                 continue
             self.restored += 1
-            path = self.scheduler.agents[record.agent].slot.path
-            try:
-                stat = path.stat()
-                now = (str(path), stat.st_size, stat.st_mtime_ns)
-            except OSError:
-                now = (str(path), -1, -1)
+            info = self.scheduler.agents[record.agent].slot.info
+            now = (str(info.path), info.file_size, info.mtime_ns)
             if now != (record.path, record.model_size, record.model_mtime_ns):
                 log.warning(
                     "agent %s: %s is not the file its conversation was kept for; it starts anew",
                     record.agent,
-                    path,
+                    info.path,
                 )
                 self._persist(record.agent)
                 continue
-            self.scheduler.resume(
+            kv = self.scheduler.resume(
                 record.agent,
                 record.tokens,
                 record.text,
@@ -229,47 +220,22 @@ class Service:
                 record.reply_at,
                 record.history,
             )
-            kv = self._state_from_disk(record)
+            self.from_disk += kv > 0
             log.info(
                 "agent %s registered again, %d tokens, %d of them in KV from its state file",
                 record.agent,
                 len(record.tokens),
                 kv,
             )
-        self.registry.drop_states()
+        disk = self.scheduler.room.disk
+        if disk is not None:
+            disk.remove_unclaimed()
 
     async def keep_states(self) -> None:
         """At a clean stop, before anything is freed: every idle agent's KV to its state file
-        (a resident one's copied to host RAM first), written before this returns. An agent
-        decoding now keeps its conversation only, and prefills it after the restart."""
-        if self.registry is None:
-            return
-        for agent in list(self.scheduler.agents.values()):
-            record = self._record(agent.id)
-            state = await self.scheduler.state_of(agent) if record is not None else None
-            if record is None or state is None:
-                continue
-            data, layout, n_tokens = state
-            self.registry.save_state(record, n_tokens, data, layout)
-        await asyncio.to_thread(self.registry.flush)
-
-    def _state_from_disk(self, record: AgentRecord) -> int:
-        """Park the agent with the state its file kept, if it verifies and the park budget
-        holds it; the cells it holds (0: its next DECODE prefills the conversation)."""
-        assert self.registry is not None
-        found = self.registry.load_state(record)
-        if found is None:
-            return 0
-        data, layout, n_tokens = found
-        store = self.scheduler.room.store
-        buffer = store.allocate(len(data))
-        if buffer is None:
-            log.warning("agent %s: no park budget for its state; prefilling instead", record.agent)
-            return 0
-        memoryview(buffer).cast("B")[: len(data)] = data  # type: ignore[arg-type]
-        self.scheduler.park_from_disk(record.agent, ParkedState(buffer, layout, n_tokens))
-        self.from_disk += 1
-        return n_tokens
+        (the HTTP API's auto-agents, which are not kept, aside)."""
+        if self.registry is not None:
+            await self.scheduler.keep_states(skip=self.auto.ids())
 
     def _persist(self, agent_id: str) -> None:
         """Keep the agent on disk as it is now (not the HTTP API's auto-agents)."""
@@ -282,19 +248,15 @@ class Service:
         agent = self.scheduler.agents.get(agent_id)
         if self.registry is None or agent is None or agent_id in self.auto.ids():
             return None
-        try:
-            stat = agent.slot.path.stat()
-            size, mtime_ns = stat.st_size, stat.st_mtime_ns
-        except OSError:  # the file went since it was loaded: its conversation will not come back
-            size, mtime_ns = -1, -1
+        info = agent.slot.info  # the model file as it was read, with its size and time
         return AgentRecord(
             format=REGISTRY_FORMAT,
             agent=agent.id,
             owner=agent.owner,
             model=agent.slot.key,
-            path=str(agent.slot.path),
-            model_size=size,
-            model_mtime_ns=mtime_ns,
+            path=str(info.path),
+            model_size=info.file_size,
+            model_mtime_ns=info.mtime_ns,
             n_ctx=agent.n_ctx,
             sampling=dataclasses.asdict(agent.sampling),
             system_prompt=agent.system_prompt,
@@ -472,7 +434,7 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
-        ledger, meter = sched.ledger, sched.room.reconciler
+        ledger, meter, disk = sched.ledger, sched.room.reconciler, sched.room.disk
         by_model: dict[str, dict[str, int]] = {}
         by_agent: dict[str, int] = {}
         for slot in sched.room.slots.values():
@@ -503,6 +465,16 @@ class Service:
                 "running": sum(a.activity is Activity.RUNNING for a in agents),
             },
             "agents": len(sched.agents),
+            "disk": None
+            if disk is None
+            else {
+                "dir": str(disk.dir),
+                "files": disk.files,
+                "bytes": disk.file_bytes,
+                "rejected": disk.rejected,
+                "errors": disk.errors,
+                "last_error": disk.last_error,
+            },
             "registry": {
                 "dir": None if self.registry is None else str(self.registry.dir),
                 "restored": self.restored,

@@ -72,6 +72,9 @@ class ServiceCollector(Collector):
             "lmxd_parked_host_bytes", "Host RAM holding parked KV", status["parked_host_bytes"]
         )
         yield gauge("lmxd_park_budget_bytes", "Host RAM parked KV may take", status["park_budget"])
+        disk = status["disk"] or {"bytes": 0, "files": 0}
+        yield gauge("lmxd_parked_disk_bytes", "Disk holding spilled agents' KV", disk["bytes"])
+        yield gauge("lmxd_parked_disk_files", "Spilled agents' state files", disk["files"])
         yield gauge("lmxd_agents", "Agents registered", status["agents"])
         yield gauge("lmxd_uptime_seconds", "Seconds since the daemon started", status["uptime_s"])
 
@@ -87,6 +90,12 @@ class ServiceCollector(Collector):
             ("lmxd_restores", "restores", "Agents restored (KV back from host RAM)"),
             ("lmxd_restore_bytes", "restore_bytes", "Bytes of KV restored"),
             ("lmxd_restore_seconds", "restore_s", "Seconds spent restoring"),
+            ("lmxd_spills", "spills", "Parked states written to disk (park budget full)"),
+            ("lmxd_spill_bytes", "spill_bytes", "Bytes of KV written to disk"),
+            ("lmxd_spill_seconds", "spill_s", "Seconds spent writing KV to disk"),
+            ("lmxd_disk_reads", "disk_reads", "Restores whose KV was read back from disk"),
+            ("lmxd_disk_read_bytes", "disk_read_bytes", "Bytes of KV read back from disk"),
+            ("lmxd_disk_read_seconds", "disk_read_s", "Seconds spent reading KV from disk"),
         ):
             yield CounterMetricFamily(name, doc, value=transfers[key])
 
