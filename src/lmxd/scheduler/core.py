@@ -327,9 +327,9 @@ class Scheduler:
 
     async def _idle(self) -> None:
         """Wait for work; meanwhile, once idle for a moment, spill parked agents to disk
-        while more than three quarters of the park budget is used, then write idle agents'
-        KV ahead of need: one at a time, stopping as soon as work arrives (it then waits for
-        one copy at most)."""
+        while their states take more than three quarters of the park budget, then write idle
+        agents' KV ahead of need: one at a time, stopping as soon as work arrives (it then
+        waits for one copy at most)."""
         try:
             await asyncio.wait_for(self._wake.wait(), _WRITE_AHEAD_AFTER_S)
             return

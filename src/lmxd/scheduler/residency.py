@@ -22,9 +22,9 @@ the least recently used parked agents are written to their state files and their
 the park; while the engine has nothing to do, parked agents are spilled the same way until
 their states take three quarters of the budget or less, so that the next parks find room in
 RAM and go at memory speed, not at the disk's (copies written ahead do not count: they make
-way by themselves). A spilled agent's next job reads its file back before
-its restore. A write that fails leaves the state in RAM: nothing is lost, the park that
-needed the room waits or fails as without a disk.
+way by themselves). A spilled agent's next job reads its file back before its restore. A write
+that fails leaves the state in RAM: nothing is lost, the park that needed the room waits or
+fails as without a disk.
 
 KV by use, not by promise: each sequence has a KV stream of its own, sized for what the
 model's agents need now (a job needs its conversation and its max_tokens, at most its n_ctx)
@@ -409,15 +409,13 @@ class Residency:
         if state is not None:
             await self.disk.write(self._owner(agent), state)
 
-    def found_on_disk(self, agent: Agent) -> bool:
+    def found_on_disk(self, agent: Agent) -> None:
         """An agent registered again after a restart takes its state file, if one matches
         its conversation: it is spilled, and its next job restores from it."""
         spilled = self.disk.find(self._owner(agent)) if self.disk is not None else None
-        if spilled is None:
-            return False
-        agent.spilled = spilled
-        agent.place(Memory.SPILLED)
-        return True
+        if spilled is not None:
+            agent.spilled = spilled
+            agent.place(Memory.SPILLED)
 
     async def _read_back(self, agent: Agent) -> ParkedState | None:
         """A spilled agent's state from its file (None if it does not verify)."""
