@@ -11,7 +11,8 @@
 # and forks; 2, throughput; 3, density; 4, the memory table and the article's experiment;
 # 5, where a step's host time goes (scripts/profile_step.py); 6, the same through the daemon
 # (scripts/profile_daemon.py, under py-spy when its wheel is carried); 7, the gpu tests alone
-# (their output kept: the cap sweep prints its figures); 0, the CUDA build packed
+# (their output kept: the cap sweep prints its figures); 8, on two GPUs, `lmxd bench devices`
+# and the gpu tests; 0, the CUDA build packed
 # into $OUT, to be carried next time as .device-carry/llama-cuda.tar.xz (a machine that has
 # it skips the build). Each part's results land in
 # $OUT as a tarball as soon as it ends.
@@ -63,6 +64,10 @@ for part in "$@"; do
     python3 scripts/profile_daemon.py "$out" synth-llama3.2-1b 8 64 2>&1 | tee "$out/profile-daemon.txt"
     ;;
   7)
+    python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
+    ;;
+  8)  # two GPUs (nvidia-h200-x2): placement, one GPU against two, then the gpu tests there
+    lmxd bench devices --out "$out" 2>&1 | tee "$out/devices.txt"
     python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
     ;;
   0)  # the CUDA build for .device-carry/llama-cuda.tar.xz (cat the parts): pip copied each

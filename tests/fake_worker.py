@@ -32,6 +32,7 @@ class FakeModel:
     bos_text: str = ""
     eos_text: str = ""
     device_weight_bytes: int = 0
+    device: int = 0
 
 
 @dataclass
@@ -46,6 +47,7 @@ class FakeContext:
     name: str
     n_ctx_seq: int
     n_seq: int
+    device: int
     seq_len: list[int] = field(default_factory=list)
     replies: dict[int, _Reply] = field(default_factory=dict)
 
@@ -63,9 +65,9 @@ class FakeWorker:
         self.fail_saves = False  # every copy out raises, as a failed one would
         self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
 
-    async def load(self, path: Path) -> ModelHandle:
+    async def load(self, path: Path, device: int) -> ModelHandle:
         self.log.append(("load", path.stem))
-        return FakeModel(read_model_info(path))
+        return FakeModel(read_model_info(path), device=device)
 
     async def unload(self, model: ModelHandle) -> None:
         self.log.append(("unload", model.info.path.stem))
@@ -79,7 +81,8 @@ class FakeWorker:
     async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle:
         name = model.info.path.stem
         self.log.append(("open", name, str(params.n_seq_max), str(params.n_ctx)))
-        return FakeContext(name, params.n_ctx, params.n_seq_max, [0] * params.n_seq_max)
+        device = model.device  # type: ignore[attr-defined]
+        return FakeContext(name, params.n_ctx, params.n_seq_max, device, [0] * params.n_seq_max)
 
     async def close_context(self, ctx: ContextHandle) -> None:
         self.log.append(("close", _fake(ctx).name))
@@ -132,6 +135,7 @@ class FakeWorker:
                 break
         for seq in seqs:
             reports[seq].kv_tokens = fake.seq_len[seq]
+        self.log.append(("ran", fake.name))
         return reports
 
     def _reply(self, fake: FakeContext, seq: int, reason: StopReason) -> Reply:

@@ -17,7 +17,7 @@ from daemon_harness import Daemon, Wire
 
 from lmxd import catalog
 from lmxd.bench.gpu import PeakSampler
-from lmxd.memory.device import probe_device
+from lmxd.memory.device import probe_device, probe_devices
 
 MODELS = ("synth-qwen2-0.5b", "synth-llama3.2-1b")
 
@@ -283,5 +283,41 @@ def test_the_http_front_streams_tools_and_schemas_on_the_gpu() -> None:
             json={"model": model, "messages": ask, "max_tokens": 60, "response_format": fmt},
         ).json()
         jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), schema)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.mark.skipif(len(probe_devices()) < 2, reason="needs two GPUs")
+def test_on_two_gpus_each_model_is_on_its_device_and_each_device_under_its_cap() -> None:
+    """The three shapes, three agents each, all decoding, under a 3 GiB limit per device: the
+    models are spread over both devices, each device's NVML peak holds the weights of the
+    models STATUS places there and stays under that device's cap, and LIST puts each agent
+    on its model's device."""
+    d = Daemon("--vram-limit", "3GiB")
+    try:
+        w = d.wire()
+        with PeakSampler(d.pid, index=0) as zero, PeakSampler(d.pid, index=1) as one:
+            agents = [(f"{m}-{i}", m) for m in THREE for i in range(3)]
+            for agent, model in agents:
+                w.ok("REGISTER", agent=agent, model=model, n_ctx=2048)
+            ids = [
+                w.send("DECODE", agent=agent, prompt=" hello" * 200, max_tokens=64)
+                for agent, _ in agents
+            ]
+            replies = [w.recv() for _ in ids]
+            status = w.ok("STATUS")
+            listed = w.ok("LIST")["agents"]
+        assert all(r["ok"] for r in replies), replies
+        placed = {m: e["index"] for e in status["devices"] for m in e["ledger"]["by_model"]}
+        assert set(placed) == set(THREE) and set(placed.values()) == {0, 1}, placed
+        for entry, sampler in zip(status["devices"], (zero, one), strict=True):
+            ledger = entry["ledger"]
+            weights = sum(v["weights"] for v in ledger["by_model"].values())
+            print(
+                f"device {entry['index']}: {sorted(ledger['by_model'])} weights {weights} "
+                f"NVML peak {sampler.peak} cap {ledger['cap']}"
+            )
+            assert weights <= sampler.peak < ledger["cap"]
+        assert all(a["device"] == placed[a["model"]] for a in listed)
     finally:
         assert d.stop() == 0, d.log()

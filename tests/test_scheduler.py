@@ -21,6 +21,7 @@ from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import Busy, InvalidInput, LedgerDenied, ParkBudgetExceeded
 from lmxd.kvdisk import DiskTier
 from lmxd.kvstore import KvStore
+from lmxd.memory.device import DeviceInfo
 from lmxd.memory.estimator import Backend
 from lmxd.memory.ledger import Ledger
 from lmxd.memory.reconcile import Reconciler
@@ -35,6 +36,7 @@ from lmxd.scheduler import (
     SchedulerConfig,
     TextPrompt,
 )
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.residency import Residency, ResidencyConfig
 
 T = TypeVar("T")
@@ -46,6 +48,7 @@ def run(
     test: Callable[[Scheduler, FakeWorker], Awaitable[T]],
     *,
     cap: int = 64 * GiB,
+    caps: list[int] | None = None,  # one device per cap, instead of one of ``cap``
     max_seqs: int = 2,
     park_budget: int = GiB,
     keep_alive_s: float = 300.0,
@@ -56,17 +59,19 @@ def run(
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
-        ledger = Ledger(cap)
-        reconciler = None
+        devices = [
+            Device(i, DeviceInfo("cuda", f"fake {i}", i, c, c, 0), Ledger(c))
+            for i, c in enumerate(caps or [cap])
+        ]
         if unaccounted is not None:
-            extra = unaccounted
-            reconciler = Reconciler(ledger, lambda: ledger.reserved - ledger.unaccounted + extra)
+            ledger, extra = devices[0].ledger, unaccounted
+            meter = lambda: ledger.reserved - ledger.unaccounted + extra  # noqa: E731
+            devices[0].reconciler = Reconciler(ledger, meter)
         room = Residency(
             worker,
-            ledger,
+            devices,
             KvStore(park_budget),
             ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
-            reconciler,
             DiskTier(disk) if disk is not None else None,
         )
         config = SchedulerConfig(
@@ -271,10 +276,15 @@ def test_parking_an_agent_with_nothing_in_kv_does_not_call_it_parked(models_dir:
     run(models_dir, test)
 
 
+def _sizing() -> Residency:
+    """A residency only to size requests with."""
+    return Residency(FakeWorker(), [], KvStore(GiB), ResidencyConfig(Backend.CPU))
+
+
 def _room_for_one_context(*models: tuple[ModelInfo, int]) -> int:
     """The models' weights and the larger of their contexts (``n_seq`` streams of 256 cells,
     what agents of n_ctx 256 get), as the residency sizes them, but not both contexts."""
-    room = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    room = _sizing()
     weights = sum(room.weights_request(i.path.stem, i).bytes for i, _ in models)
     contexts = [room.context_request("m", i, 256, n_seq).bytes for i, n_seq in models]
     return weights + max(contexts) + min(contexts) // 2
@@ -333,7 +343,7 @@ def test_what_the_device_holds_beyond_the_ledger_counts_for_admission(
     what the reservations leave, but not in what the device leaves, are refused."""
     smol = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
     gemma = read_model_info(models_dir / "gemma-3-270m-q4_k_m.gguf")
-    probe = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    probe = _sizing()
     need = sum(
         probe.weights_request(i.path.stem, i).bytes + probe.context_request("m", i, 256, 1).bytes
         for i in (smol, gemma)
@@ -349,8 +359,8 @@ def test_what_the_device_holds_beyond_the_ledger_counts_for_admission(
         except LedgerDenied as exc:
             return str(exc.details["reason"])
         finally:
-            assert s.ledger.unaccounted == unaccounted
-            assert s.ledger.snapshot().get("unaccounted", 0) == unaccounted
+            assert s.room.devices[0].ledger.unaccounted == unaccounted
+            assert s.room.devices[0].ledger.snapshot().get("unaccounted", 0) == unaccounted
 
     refused = run(models_dir, test, cap=need + GiB, max_seqs=1, unaccounted=unaccounted)
     assert refused == (None if unaccounted == 0 else "CAP")
@@ -444,7 +454,7 @@ def test_many_agents_fit_where_their_full_n_ctx_would_not(models_dir: Path) -> N
     """64 agents at n_ctx 4,096, under a cap that holds the weights and 64 streams of 256
     cells but not one context of 64 x 4,096: all of them decode at once."""
     info = read_model_info(models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    sizing = Residency(FakeWorker(), Ledger(64 * GiB), KvStore(GiB), ResidencyConfig(Backend.CPU))
+    sizing = _sizing()
     weights = sizing.weights_request("m", info).bytes
     cap = weights + sizing.context_request("m", info, 256, 64).bytes + (1 << 20)
     assert sizing.context_request("m", info, 4096, 64).bytes > 8 * (cap - weights)
@@ -746,3 +756,137 @@ def test_a_spilled_agent_reset_or_unregistered_leaves_no_file(
         assert not (tmp_path / "a.state").exists() and s.room.disk.files == 0
 
     run(models_dir, test, max_seqs=1, park_budget=1 << 20, disk=tmp_path)
+
+
+# -- several devices ---------------------------------------------------------------------------
+
+SMOL, GEMMA = "SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"
+
+
+def _need(models_dir: Path, name: str, n_ctx: int = 512) -> int:
+    """Bytes a model's weights and one agent's context of ``n_ctx`` take in a ledger."""
+    info = read_model_info(models_dir / f"{name}.gguf")
+    sizing = _sizing()
+    return (
+        sizing.weights_request("m", info).bytes + sizing.context_request("m", info, n_ctx, 1).bytes
+    )
+
+
+def _device_of(s: Scheduler, agent: str) -> int:
+    return s.agents[agent].slot.device.index
+
+
+def test_a_new_model_goes_where_it_fits_with_the_most_room_left(models_dir: Path) -> None:
+    """Two equal devices: the first model on device 0 (a tie goes to the lowest index), the
+    second on device 1 (more room left there); a second agent of a model joins it where it
+    is, even where another device has more room; each ledger charges only its own models."""
+    cap = 4 * _need(models_dir, GEMMA)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await register(s, "b", "gemma3-270m")
+        await register(s, "c", "smollm2-135m")
+        assert [_device_of(s, x) for x in "abc"] == [0, 1, 0]
+        await decode(s, "a")
+        await decode(s, "b")
+        zero, one = (d.ledger.snapshot() for d in s.room.devices)
+        assert set(zero) == {"model:smollm2-135m", "context:smollm2-135m"}
+        assert set(one) == {"model:gemma3-270m", "context:gemma3-270m"}
+
+    run(models_dir, test, caps=[cap, cap])
+
+
+def test_a_model_that_fits_no_device_is_refused_with_each_devices_numbers(
+    models_dir: Path,
+) -> None:
+    need = _need(models_dir, GEMMA)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        with pytest.raises(LedgerDenied) as refused:
+            await register(s, "g", "gemma3-270m")
+        details = refused.value.details
+        assert [d["device"] for d in details["devices"]] == [0, 1]
+        assert [d["cap_bytes"] for d in details["devices"]] == [need // 2, need * 3 // 4]
+        assert all(d["requested_bytes"] == need for d in details["devices"])
+        assert details["cap_bytes"] == need * 3 // 4  # the device that came closest
+        assert "device 0" in str(refused.value) and "device 1" in str(refused.value)
+        assert not s.room.slots and not [e for e in w.log if e[0] == "load"]
+
+    run(models_dir, test, caps=[need // 2, need * 3 // 4])
+
+
+def test_an_agent_is_admitted_on_its_models_device_only(models_dir: Path) -> None:
+    """A model on device 0, whose next agent's context does not fit there, is refused with
+    device 0's numbers: the agent is not placed on device 1, which has more room now."""
+    small, gemma = _need(models_dir, SMOL, 256), _need(models_dir, GEMMA)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "g", "gemma3-270m")  # device 1, which then has less room left
+        await s.register("a", "smollm2-135m", 256, SamplingParams(), None, 0)
+        assert (_device_of(s, "g"), _device_of(s, "a")) == (1, 0)
+        await s.unregister("g", 0)  # device 1 is empty again
+        with pytest.raises(LedgerDenied) as refused:
+            await s.register("big", "smollm2-135m", 8192, SamplingParams(), None, 0)
+        assert refused.value.details["cap_bytes"] == small + (1 << 20)
+        assert "devices" not in refused.value.details
+
+    run(models_dir, test, caps=[small + (1 << 20), gemma + small // 2], keep_alive_s=0)
+
+
+def test_contexts_are_closed_for_room_only_on_the_same_device(models_dir: Path) -> None:
+    """Device 0 holds two models' weights but one context at a time: they take turns there,
+    while the model on device 1 keeps its context throughout."""
+    gemma, tiny = _need(models_dir, GEMMA), _need(models_dir, "synth-tiny", 256)
+    infos = [read_model_info(models_dir / f"{m}.gguf") for m in (SMOL, "synth-tiny")]
+    one_context = _room_for_one_context(*((info, 1) for info in infos))
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "far", "gemma3-270m")  # fits device 1 only
+        await decode(s, "far")
+        await s.register("a", "smollm2-135m", 256, SamplingParams(), None, 0)
+        await s.register("x", "synth-tiny", 256, SamplingParams(), None, 0)
+        assert [_device_of(s, x) for x in ("far", "a", "x")] == [1, 0, 0]
+        for _ in range(2):
+            await decode(s, "a")
+            await decode(s, "x")
+        closed = [e[1] for e in w.log if e[0] == "close"]
+        assert closed and GEMMA not in closed
+        assert s.agents["far"].slot.context is not None
+
+    run(models_dir, test, caps=[one_context, gemma + tiny // 2])
+
+
+def test_parked_agents_come_back_on_their_models_device(models_dir: Path) -> None:
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "pad", "smollm2-135m")  # device 0 is then the fuller one
+        for name in ("a", "b"):
+            await register(s, name, "gemma3-270m")
+        assert _device_of(s, "a") == _device_of(s, "b") == 1
+        await decode(s, "a")
+        await decode(s, "b")  # one sequence: a is parked
+        assert s.agents["a"].state == "parked"
+        result = await decode(s, "a")
+        assert result.restored and result.parked == ["b"]
+        context = s.agents["a"].slot.context
+        assert context is not None and context.device == 1  # type: ignore[attr-defined]
+
+    run(models_dir, test, caps=[16 * GiB, 16 * GiB], max_seqs=1)
+
+
+def test_models_on_two_devices_decode_at_the_same_time(models_dir: Path) -> None:
+    """A slice of device 1's model starts while device 0's is still running: each device's
+    steps go to its own engine lane."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await register(s, "b", "gemma3-270m")
+        assert {_device_of(s, "a"), _device_of(s, "b")} == {0, 1}
+        await asyncio.gather(decode(s, "a", 64), decode(s, "b", 64))
+        runs = [e for e in w.log if e[0] in ("run", "ran")]
+        overlapping = any(
+            first[0] == "run" and second[0] == "run" and first[1] != second[1]
+            for first, second in itertools.pairwise(runs)
+        )
+        assert overlapping, runs
+
+    run(models_dir, test, caps=[16 * GiB, 16 * GiB])

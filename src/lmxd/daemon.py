@@ -18,20 +18,28 @@ from pathlib import Path
 
 from lmxd.engine.runtime import Engine
 from lmxd.engine.worker import LlamaWorker
-from lmxd.errors import DaemonRunning
+from lmxd.errors import DaemonRunning, InvalidInput
 from lmxd.fronts import jsonl, text
 from lmxd.fronts.http import HttpConfig, check_exposure
 from lmxd.fronts.http.app import HttpFront
 from lmxd.fronts.unix import Connection, Front, UnixServer
 from lmxd.kvdisk import DiskTier
 from lmxd.kvstore import KvStore
-from lmxd.memory.device import NvmlMeter, ledger_cap, probe_device
+from lmxd.memory.device import (
+    DEFAULT_CAP_PERCENT,
+    DeviceInfo,
+    NvmlMeter,
+    ledger_cap,
+    per_device,
+    probe_devices,
+)
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.host import map_large_blocks
 from lmxd.memory.ledger import Denial, Ledger, Request
 from lmxd.memory.reconcile import Reconciler
 from lmxd.registry import AgentRegistry
 from lmxd.scheduler import Scheduler, SchedulerConfig
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.residency import Residency, ResidencyConfig
 from lmxd.service import Limits, Service
 from lmxd.units import format_bytes
@@ -46,7 +54,9 @@ class DaemonConfig:
     allowed_dirs: tuple[Path, ...]
     socket_mode: int = 0o600  # who may connect: only the daemon's user, unless shared on purpose
     socket_group: int | None = None  # the socket's group (a gid), for a mode such as 0o660
-    vram_cap_percent: float = 90.0
+    devices: tuple[int, ...] | None = None  # the GPUs to use (--devices); None: every one
+    # Each device's cap, for all ("90", "8GiB") or per device ("0=90,1=80"): memory.device.
+    vram_cap_percent: str | None = None  # None: 90
     vram_limit: str | None = None  # "8GiB": behave as a card of that size
     park_budget: int = 8 << 30  # host RAM for parked state
     keep_alive_s: float = 300.0
@@ -101,32 +111,51 @@ async def _expire_auto_agents(service: Service) -> None:
         await service.expire_auto_agents()
 
 
+def _devices(infos: list[DeviceInfo], config: DaemonConfig, backend: Backend) -> list[Device]:
+    """A ledger for each device under its own cap; on a GPU, the CUDA context charged to it
+    and a reconciler that reads its own figure after every slice and charges what it holds
+    beyond the ledger (lmxd.memory.reconcile)."""
+    indices = [info.index for info in infos]
+    limits = per_device(config.vram_limit, indices, "--vram-limit")
+    percents = per_device(config.vram_cap_percent, indices, "--vram-cap-percent")
+    devices = []
+    for info in infos:
+        percent = percents[info.index]
+        try:
+            share = DEFAULT_CAP_PERCENT if percent is None else float(percent)
+        except ValueError:
+            raise InvalidInput(f"--vram-cap-percent {percent!r} is not a number") from None
+        ledger = Ledger(ledger_cap(info, share, limits[info.index]))
+        reconciler = None
+        if backend is Backend.CUDA:
+            # The CUDA context and cuBLAS: charged once, for the life of the process.
+            got = ledger.try_reserve(Request("backend", {"overhead": CUDA_OVERHEAD}))
+            if isinstance(got, Denial):
+                raise got.error()
+            reconciler = Reconciler(ledger, NvmlMeter(info.index))
+        devices.append(Device(info.index, info, ledger, reconciler))
+    return devices
+
+
 def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
     """The daemon without its fronts: engine, memory, scheduler, and the Service over them."""
-    # llama.cpp's backends first: on the H200 machine, a process that touched NVML before
-    # llama.cpp set up CUDA died in its first model load (seen 2026-11-29).
+    # CUDA numbers the cards as NVML does (by PCI bus), so that a model's main_gpu is the
+    # device whose ledger charges it. Then llama.cpp's backends, before NVML: on the H200
+    # machine, a process that touched NVML before llama.cpp set up CUDA died in its first
+    # model load (seen 2026-11-29).
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     engine = Engine.get()
-    device = probe_device()
-    cap = ledger_cap(device, config.vram_cap_percent, config.vram_limit)
-    backend = Backend.CUDA if engine.gpu_offload and device.kind == "cuda" else Backend.CPU
-    ledger = Ledger(cap)
-    if backend is Backend.CUDA:
-        # The CUDA context and cuBLAS: charged once, for the life of the process.
-        got = ledger.try_reserve(Request("backend", {"overhead": CUDA_OVERHEAD}))
-        if isinstance(got, Denial):
-            raise got.error()
+    infos = probe_devices(config.devices)
+    backend = Backend.CUDA if engine.gpu_offload and infos[0].kind == "cuda" else Backend.CPU
+    devices = _devices(infos, config, backend)
     # Page-locked parking buffers on a GPU: copies then run at PCIe speed.
     store = KvStore(config.park_budget, pinned=backend is Backend.CUDA)
     worker = LlamaWorker(engine, config.deterministic)
-    # On a GPU the device's own figure is read after every slice, and what it holds beyond the
-    # ledger is charged to the ledger (lmxd.memory.reconcile).
-    reconciler = Reconciler(ledger, NvmlMeter(device.index)) if backend is Backend.CUDA else None
     room = Residency(
         worker,
-        ledger,
+        devices,
         store,
         ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
-        reconciler,
         # Parked state past the --park-budget goes to disk (lmxd.kvdisk), as does every idle
         # agent's KV at a clean stop.
         DiskTier(config.park_dir / "states") if config.park_dir is not None else None,
@@ -162,7 +191,6 @@ async def run(config: DaemonConfig) -> None:
     stop = asyncio.Event()
     service = assemble(config, stop.set)
     scheduler = service.scheduler
-    device, cap = probe_device(), scheduler.ledger.cap
     backend = scheduler.room.config.backend
     await service.restore_agents()  # the agents of the last run, before any client comes
     http = HttpFront(service, config.http) if config.http is not None else None
@@ -185,14 +213,15 @@ async def run(config: DaemonConfig) -> None:
         asyncio.create_task(_expire_auto_agents(service)),
     ]
     log.info(
-        "lmxd listening on %s and %s; device %s (%s, %s total); ledger cap %s; backend %s",
+        "lmxd listening on %s and %s; backend %s; %s",
         config.socket,
         service.http_url or "no HTTP",
-        device.name,
-        device.kind,
-        format_bytes(device.total),
-        format_bytes(cap),
         backend.value,
+        "; ".join(
+            f"device {d.index} {d.info.name} ({d.info.kind}, {format_bytes(d.info.total)} total)"
+            f" ledger cap {format_bytes(d.ledger.cap)}"
+            for d in scheduler.room.devices
+        ),
     )
     try:
         await stop.wait()

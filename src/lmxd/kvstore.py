@@ -9,8 +9,8 @@ allocates nothing until a conversation has grown by a quarter. A departed agent'
 back to the system at once, and every kept one when the last agent has gone.
 
 The store only accounts and hands out buffers; the engine thread fills and drains them.
-"Does not fit" is a value: :meth:`KvStore.allocate` returns ``None`` past the budget. (A disk
-tier for when host RAM is short comes later.)
+"Does not fit" is a value: :meth:`KvStore.allocate` returns ``None`` past the budget; the
+residency then spills parked states to disk (lmxd.kvdisk).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lmxd.memory.host import give_back_heap
 log = logging.getLogger("lmxd.kvstore")
 
 _MIN_BUFFER = 1 << 20
+_PORTABLE = 1  # cudaHostAllocPortable
 
 
 class HostBuffer(Protocol):
@@ -83,7 +84,9 @@ class PinnedMemory:
 
     def allocate(self, size: int) -> HostBuffer | None:
         ptr = ctypes.c_void_p()
-        if self._cuda.cudaHostAlloc(ctypes.byref(ptr), size, 0) != 0 or not ptr.value:
+        # Portable: page-locked for every device's context, so that agents of models on
+        # several GPUs park into the same buffers at full speed.
+        if self._cuda.cudaHostAlloc(ctypes.byref(ptr), size, _PORTABLE) != 0 or not ptr.value:
             return None
         return (ctypes.c_uint8 * size).from_address(ptr.value)
 

@@ -49,16 +49,21 @@ from lmxd.units import parse_bytes
     help="Another directory agents may load .gguf files from (repeatable).",
 )
 @click.option(
+    "--devices",
+    default=None,
+    help="The GPUs to use, e.g. 0,1 (NVML's indices); default: every one.",
+)
+@click.option(
     "--vram-cap-percent",
-    type=float,
-    default=90.0,
-    show_default=True,
-    help="The ledger admits work up to this share of the device.",
+    default=None,
+    help="Each device's ledger admits work up to this share of it (default 90), for all "
+    "(80) or per device (0=80,1=90).",
 )
 @click.option(
     "--vram-limit",
     default=None,
-    help="Behave as a card of this size, e.g. 8GiB (on CPU: host memory).",
+    help="Behave as a card of this size, e.g. 8GiB (on CPU: host memory), for all or per "
+    "device (0=8GiB,1=16GiB).",
 )
 @click.option(
     "--park-budget",
@@ -167,7 +172,8 @@ def serve(
     socket_group: str | None,
     models_dir: Path | None,
     allow_dirs: tuple[Path, ...],
-    vram_cap_percent: float,
+    devices: str | None,
+    vram_cap_percent: str | None,
     vram_limit: str | None,
     park_budget: str,
     keep_alive: float,
@@ -197,6 +203,7 @@ def serve(
         socket_group=None if socket_group is None else _group_id(socket_group),
         models_dir=directory,
         allowed_dirs=(directory, *allow_dirs),
+        devices=None if devices is None else _device_list(devices),
         vram_cap_percent=vram_cap_percent,
         vram_limit=vram_limit,
         park_budget=parse_bytes(park_budget),
@@ -214,6 +221,13 @@ def serve(
         park_dir=_park_dir(park_dir),
     )
     run_daemon(config)
+
+
+def _device_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of GPU indices such as 0,1") from None
 
 
 def _socket_mode(text: str) -> int:

@@ -221,6 +221,7 @@ for _name, _doc in (
     ("density", "Agents decoding at once under an 8 GiB limit, and 200 rotating through parking."),
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
     ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
+    ("devices", "Agents spread over two GPUs against the same agents on one (needs two GPUs)."),
 ):
     _bench_command(_name, _doc)
 

@@ -1,14 +1,15 @@
 """A GGUF model loaded into llama.cpp: weights, vocabulary, the chat template's source.
 
-A model is loaded once per (file, n_gpu_layers) and shared by every context and agent that
-uses it; :class:`ModelRegistry` counts the references and frees the weights at zero. The file is
-checked by :func:`lmxd.modelfile.read_model_info` first, so llama.cpp never sees a file that is
-missing, truncated or of an unknown architecture.
+A model is loaded once per (file, n_gpu_layers, device) and shared by every context and agent
+that uses it; :class:`ModelRegistry` counts the references and frees the weights at zero. The
+file is checked by :func:`lmxd.modelfile.read_model_info` first, so llama.cpp never sees a file
+that is missing, truncated or of an unknown architecture.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,13 +24,18 @@ from lmxd.modelfile import ModelInfo, read_model_info
 class Model:
     """One loaded model. Create through :meth:`ModelRegistry.acquire`; use on the engine thread."""
 
-    def __init__(self, engine: Engine, info: ModelInfo, n_gpu_layers: int) -> None:
+    def __init__(self, engine: Engine, info: ModelInfo, n_gpu_layers: int, device: int) -> None:
         engine.check_thread()
         self.engine = engine
         self.info = info
         self.n_gpu_layers = n_gpu_layers
+        self.device = device
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        # Weights, KV and compute all on one device: llama.cpp would otherwise split the
+        # layers over every GPU it sees, and no ledger would hold what its device holds.
+        params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        params.main_gpu = device
         # Weight repacking (AMX/AVX "extra buffer types") would keep a second, CPU-specific
         # copy of most weights beside the mapped file, nearly doubling host bytes in a way no
         # GGUF header predicts. GPU layers never use it; CPU layers go without.
@@ -129,31 +135,36 @@ class Model:
 
 
 class ModelRegistry:
-    """Loads each (file, n_gpu_layers) once and counts who holds it. Engine thread only."""
+    """Loads each (file, n_gpu_layers, device) once and counts who holds it. Engine threads
+    only; the lanes of several devices may load and free at once, one at a time here."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._models: dict[tuple[Path, int], Model] = {}
+        self._models: dict[tuple[Path, int, int], Model] = {}
+        self._lock = threading.Lock()
 
-    def acquire(self, path: Path, n_gpu_layers: int = -1) -> Model:
+    def acquire(self, path: Path, n_gpu_layers: int = -1, device: int = 0) -> Model:
         self.engine.check_thread()
         info = read_model_info(path)
-        key = (info.path.resolve(), n_gpu_layers)
-        model = self._models.get(key)
-        if model is None:
-            model = self._models[key] = Model(self.engine, info, n_gpu_layers)
-        model.refcount += 1
-        return model
+        key = (info.path.resolve(), n_gpu_layers, device)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = Model(self.engine, info, n_gpu_layers, device)
+            model.refcount += 1
+            return model
 
     def release(self, model: Model) -> None:
         """Drop one reference; the weights are freed when the last one goes."""
         self.engine.check_thread()
-        model.refcount -= 1
-        if model.refcount <= 0:
-            self._models.pop((model.path.resolve(), model.n_gpu_layers), None)
-            model.free()
-            if not self._models:
-                give_back_heap()  # llama.cpp's host buffers, freed, leave the process
+        with self._lock:
+            model.refcount -= 1
+            if model.refcount <= 0:
+                self._models.pop((model.path.resolve(), model.n_gpu_layers, model.device), None)
+                model.free()
+                if not self._models:
+                    give_back_heap()  # llama.cpp's host buffers, freed, leave the process
 
     def loaded(self) -> list[Model]:
-        return list(self._models.values())
+        with self._lock:
+            return list(self._models.values())

@@ -1,9 +1,12 @@
-"""The engine thread, the process's one backend init, and what llama.cpp reports it allocated.
+"""The engine threads, the process's one backend init, and what llama.cpp reports it allocated.
 
-llama.cpp is not safe to call from several threads at once, and our asyncio server must never
-block on it; so every llama.cpp call in lmxd runs on the single thread that :class:`Engine`
-owns (``Engine.call`` from sync code, ``await Engine.acall`` from asyncio). Objects holding
-llama.cpp pointers check that they are used on that thread.
+A llama.cpp model or context must not be used from several threads at once, and our asyncio
+server must never block on it; so every llama.cpp call in lmxd runs on an engine thread, a
+:class:`Lane`: one per device (``Engine.lane(i)``), so that two GPUs decode at the same time,
+each lane's calls in order. ``Engine.call`` / ``await Engine.acall`` run on the first lane,
+which also initialised the backend. Objects holding llama.cpp pointers check that they are used
+on an engine thread, and the worker sends every call about a model or context to its device's
+lane.
 
 llama.cpp reports each buffer it allocates in its log ("CPU KV buffer size = 90.00 MiB"); the
 log callback set here collects those lines so that ``lmxd estimate --measure`` and the tests can
@@ -74,17 +77,18 @@ class _LogSink:
 
     def __init__(self) -> None:
         self.recording: MeasuredBuffers | None = None
-        self._partial = ""
+        self._lines = threading.local()  # a line in pieces, per lane: lanes log at once
         # ctypes must keep the callback object alive for as long as llama.cpp may call it.
         self.callback = llama_cpp.llama_log_callback(self._on_log)
 
     def _on_log(self, level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
         if text is None:
             return
-        self._partial += text.decode("utf-8", errors="replace")
-        if not self._partial.endswith("\n"):
+        partial = getattr(self._lines, "partial", "") + text.decode("utf-8", errors="replace")
+        self._lines.partial = "" if partial.endswith("\n") else partial
+        if not partial.endswith("\n"):
             return
-        line, self._partial = self._partial.rstrip(), ""
+        line = partial.rstrip()
         match = _BUFFER_LINE.search(line)
         if match is not None and self.recording is not None:
             buft, kind, mib = match.group(1), match.group(2), float(match.group(3))
@@ -92,15 +96,41 @@ class _LogSink:
         log.log(_GGML_LOG_LEVELS.get(level, logging.DEBUG), "%s", line)
 
 
-class Engine:
-    """The one thread that calls llama.cpp, and the process's backend init."""
+class Lane:
+    """One engine thread: llama.cpp calls run on it in the order they were asked for."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.thread_id = self._executor.submit(threading.get_ident).result()
+
+    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on this lane and wait for its result (re-entrant)."""
+        if threading.get_ident() == self.thread_id:
+            return fn(*args, **kwargs)
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    async def acall(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on this lane without blocking the event loop."""
+        future = self._executor.submit(fn, *args, **kwargs)
+        return await asyncio.wrap_future(future)
+
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` on this lane without waiting (clean-ups)."""
+        self._executor.submit(fn)
+
+
+class Engine(Lane):
+    """The engine's lanes (itself the first: device 0's, and the backend's init), and the
+    process's backend."""
 
     _instance: Engine | None = None
     _instance_lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmxd-engine")
-        self._thread_id = self._executor.submit(threading.get_ident).result()
+        super().__init__("lmxd-engine")
+        self._lanes: dict[int, Lane] = {0: self}
+        self._lanes_lock = threading.Lock()
+        self._threads = frozenset({self.thread_id})  # replaced whole: read without the lock
         self._sink = _LogSink()
         self.call(self._init_backend)
         # CPU builds: the thread count decode steps use, measured as they run.
@@ -118,29 +148,23 @@ class Engine:
         llama_cpp.llama_log_set(self._sink.callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
 
+    def lane(self, device: int) -> Lane:
+        """The lane of models and contexts on ``device`` (made at its first use)."""
+        with self._lanes_lock:
+            if device not in self._lanes:
+                lane = self._lanes[device] = Lane(f"lmxd-engine-{device}")
+                self._threads = self._threads | {lane.thread_id}
+            return self._lanes[device]
+
     @property
     def gpu_offload(self) -> bool:
         """Whether this build of llama.cpp can put layers on a GPU."""
         return bool(llama_cpp.llama_supports_gpu_offload())
 
-    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn`` on the engine thread and wait for its result (re-entrant)."""
-        if threading.get_ident() == self._thread_id:
-            return fn(*args, **kwargs)
-        return self._executor.submit(fn, *args, **kwargs).result()
-
-    async def acall(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn`` on the engine thread without blocking the event loop."""
-        future = self._executor.submit(fn, *args, **kwargs)
-        return await asyncio.wrap_future(future)
-
-    def post(self, fn: Callable[[], object]) -> None:
-        """Queue ``fn`` on the engine thread without waiting (clean-ups)."""
-        self._executor.submit(fn)
-
     def check_thread(self) -> None:
-        if threading.get_ident() != self._thread_id:
-            raise EngineError("llama.cpp called off the engine thread (a bug in lmxd)")
+        """Raise unless called on one of the engine's lanes."""
+        if threading.get_ident() not in self._threads:
+            raise EngineError("llama.cpp called off the engine threads (a bug in lmxd)")
 
     def measure(self, fn: Callable[[], T]) -> tuple[T, MeasuredBuffers]:
         """Run ``fn`` on the engine thread, collecting the buffers llama.cpp reports meanwhile."""

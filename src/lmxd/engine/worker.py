@@ -1,7 +1,8 @@
 """What the scheduler may ask of the engine: a narrow, awaitable interface with plain values.
 
 The scheduler decides and the engine executes; :class:`Worker` is everything in between.
-:class:`LlamaWorker` runs each call on the engine thread over llama.cpp; the scheduler's unit
+:class:`LlamaWorker` runs each call over llama.cpp on the engine lane of the device the model
+or context is on (lmxd.engine.runtime), so that two devices work at once; the scheduler's unit
 tests put a fake behind the same protocol, so that admission, parking and fairness run in
 milliseconds without a model. Models and contexts cross the interface as opaque handles that
 show only what the scheduler reads (:class:`ModelHandle`, :class:`ContextHandle`).
@@ -15,7 +16,7 @@ from typing import Protocol
 
 from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.model import Model, ModelRegistry
-from lmxd.engine.runtime import Engine
+from lmxd.engine.runtime import Engine, Lane
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl, Stepper
 from lmxd.errors import LmxdError
 from lmxd.kvstore import KvStore, ParkedState
@@ -43,7 +44,7 @@ class ContextHandle(Protocol):
 
 
 class Worker(Protocol):
-    async def load(self, path: Path) -> ModelHandle: ...
+    async def load(self, path: Path, device: int) -> ModelHandle: ...
     async def unload(self, model: ModelHandle) -> None: ...
     async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]: ...
     async def check_grammar(self, model: ModelHandle, grammar: str) -> None: ...
@@ -78,11 +79,13 @@ class Worker(Protocol):
 
 
 class _Open:
-    """A llama.cpp context with its stepper: the handle :class:`LlamaWorker` gives out."""
+    """A llama.cpp context with its stepper and its device's lane: the handle
+    :class:`LlamaWorker` gives out."""
 
-    def __init__(self, context: Context, one_per_step: bool) -> None:
+    def __init__(self, context: Context, one_per_step: bool, lane: Lane) -> None:
         self.context = context
         self.stepper = Stepper(context, one_per_step)
+        self.lane = lane
 
     @property
     def n_ctx(self) -> int:
@@ -94,7 +97,7 @@ class _Open:
 
 
 class LlamaWorker:
-    """The :class:`Worker` over llama.cpp: every call runs on the engine thread.
+    """The :class:`Worker` over llama.cpp: every call runs on its device's engine lane.
 
     ``deterministic``: every step carries one sequence (see :class:`Stepper`)."""
 
@@ -103,44 +106,46 @@ class LlamaWorker:
         self.deterministic = deterministic
         self._registry = engine.call(ModelRegistry, engine)
 
-    async def load(self, path: Path) -> ModelHandle:
+    async def load(self, path: Path, device: int) -> ModelHandle:
         def load_() -> Model:
-            model = self._registry.acquire(path)
+            model = self._registry.acquire(path, device=device)
             # The stepper's token tables, built with the load (a REGISTER) rather than when
             # the model's first context opens (its agents' first DECODE): about 0.4 s for a
             # vocabulary of 128,256 tokens.
             model.build_tables()
             return model
 
-        return await self.engine.acall(load_)
+        return await self.engine.lane(device).acall(load_)
 
     async def unload(self, model: ModelHandle) -> None:
-        assert isinstance(model, Model)
-        await self.engine.acall(self._registry.release, model)
+        await self._lane(model).acall(self._registry.release, _loaded(model))
 
     async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]:
-        assert isinstance(model, Model)
-        return await self.engine.acall(model.tokenize, text, add_special)
+        return await self._lane(model).acall(_loaded(model).tokenize, text, add_special)
 
     async def check_grammar(self, model: ModelHandle, grammar: str) -> None:
-        assert isinstance(model, Model)
-        await self.engine.acall(model.check_grammar, grammar)
+        await self._lane(model).acall(_loaded(model).check_grammar, grammar)
 
     async def open_context(self, model: ModelHandle, params: ContextParams) -> ContextHandle:
-        assert isinstance(model, Model)
+        lane = self._lane(model)
 
         def open_() -> _Open:
-            return _Open(Context(model, params), self.deterministic)
+            return _Open(Context(_loaded(model), params), self.deterministic, lane)
 
-        return await self.engine.acall(open_)
+        return await lane.acall(open_)
+
+    def _lane(self, model: ModelHandle) -> Lane:
+        return self.engine.lane(_loaded(model).device)
 
     async def close_context(self, ctx: ContextHandle) -> None:
-        await self.engine.acall(_opened(ctx).context.free)
+        opened = _opened(ctx)
+        await opened.lane.acall(opened.context.free)
 
     async def begin(
         self, ctx: ContextHandle, seq: int, tokens: list[int], keep: int, spec: ReplySpec
     ) -> int:
-        stepper = _opened(ctx).stepper
+        opened = _opened(ctx)
+        stepper = opened.stepper
 
         def begin_() -> int:
             stepper.ctx.truncate_seq(seq, keep)
@@ -148,7 +153,7 @@ class LlamaWorker:
             stepper.start(seq, tokens[kept:], spec)
             return kept
 
-        return await self.engine.acall(begin_)
+        return await opened.lane.acall(begin_)
 
     async def run(
         self,
@@ -158,17 +163,20 @@ class LlamaWorker:
         control: SliceControl,
         emit: Emit,
     ) -> dict[int, SeqReport]:
-        return await self.engine.acall(_opened(ctx).stepper.run, seqs, max_steps, control, emit)
+        opened = _opened(ctx)
+        return await opened.lane.acall(opened.stepper.run, seqs, max_steps, control, emit)
 
     async def cancel(self, ctx: ContextHandle, seq: int) -> Reply | None:
-        return await self.engine.acall(_opened(ctx).stepper.cancel, seq)
+        opened = _opened(ctx)
+        return await opened.lane.acall(opened.stepper.cancel, seq)
 
     def drop(self, ctx: ContextHandle, seq: int) -> None:
-        stepper = _opened(ctx).stepper
-        self.engine.post(lambda: stepper.drop(seq))
+        opened = _opened(ctx)
+        opened.lane.post(lambda: opened.stepper.drop(seq))
 
     async def save(self, ctx: ContextHandle, seq: int, store: KvStore) -> ParkedState | None:
-        context = _opened(ctx).context
+        opened = _opened(ctx)
+        context = opened.context
 
         def save_() -> ParkedState | None:
             n_tokens = context.seq_len[seq]
@@ -183,15 +191,22 @@ class LlamaWorker:
                 raise
             return ParkedState(buffer, layout, n_tokens)
 
-        return await self.engine.acall(save_)
+        return await opened.lane.acall(save_)
 
     async def restore(self, ctx: ContextHandle, seq: int, state: ParkedState) -> None:
-        await self.engine.acall(_opened(ctx).context.load_seq, seq, state.buffer, state.layout)
+        opened = _opened(ctx)
+        await opened.lane.acall(opened.context.load_seq, seq, state.buffer, state.layout)
 
     async def clear(self, ctx: ContextHandle, seq: int) -> None:
-        await self.engine.acall(_opened(ctx).context.clear_seq, seq)
+        opened = _opened(ctx)
+        await opened.lane.acall(opened.context.clear_seq, seq)
 
 
 def _opened(ctx: ContextHandle) -> _Open:
     assert isinstance(ctx, _Open), "a context handle from another worker"
     return ctx
+
+
+def _loaded(model: ModelHandle) -> Model:
+    assert isinstance(model, Model), "a model handle from another worker"
+    return model

@@ -1,13 +1,20 @@
-"""The device probe: what the card (or, without one, the host) has and what we use of it.
+"""The device probe: what each card (or, without one, the host) has and what we use of it.
 
 GPUs are read through NVML (``nvidia-ml-py``), imported only when asked for, so a machine
 without an NVIDIA driver needs no NVIDIA library: there the probe reports host memory, which is
-where llama.cpp's buffers land on a CPU build.
+where llama.cpp's buffers land on a CPU build, as the one device. GPU indices are NVML's, which
+follow the PCI bus order; the daemon sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA (and
+llama.cpp's ``main_gpu``) numbers the cards the same way.
+
+Each device has its own ledger cap: ``--vram-limit`` and ``--vram-cap-percent`` take one value
+for every device (``8GiB``) or one per device (``0=8GiB,1=16GiB``; a device not named keeps the
+default).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +41,63 @@ def probe_device(index: int = 0, pid: int | None = None) -> DeviceInfo:
     """
     gpu = _probe_nvml(index, pid or os.getpid())
     return gpu if gpu is not None else _probe_host()
+
+
+def probe_devices(selected: Sequence[int] | None = None) -> list[DeviceInfo]:
+    """Every GPU NVML lists, or those ``selected`` (``--devices``); on a machine without one,
+    the host's memory as the one device (index 0). INVALID_INPUT for an index with no GPU."""
+    count = _gpu_count()
+    if count == 0:
+        if selected is not None and list(selected) != [0]:
+            raise InvalidInput(
+                f"--devices {','.join(map(str, selected))}: this machine has no GPU "
+                "(its one device is host memory, 0)"
+            )
+        return [_probe_host()]
+    indices = list(range(count)) if selected is None else list(selected)
+    missing = [i for i in indices if not 0 <= i < count]
+    if missing or not indices or len(set(indices)) != len(indices):
+        raise InvalidInput(
+            f"--devices {','.join(map(str, indices))}: this machine has GPUs 0 to {count - 1}, "
+            "each named once"
+        )
+    return [probe_device(i) for i in sorted(indices)]
+
+
+def per_device(spec: str | None, indices: Sequence[int], option: str) -> dict[int, str | None]:
+    """``spec`` for each device: one value for all (``8GiB``), or ``INDEX=VALUE`` pairs
+    separated by commas (a device not named gets None: the default)."""
+    if spec is None or "=" not in spec:
+        return {i: spec for i in indices}
+    values: dict[int, str | None] = dict.fromkeys(indices)
+    for pair in spec.split(","):
+        index, _, value = pair.partition("=")
+        try:
+            device = int(index)
+        except ValueError:
+            device = -1
+        if device not in values or not value:
+            raise InvalidInput(
+                f"{option} {spec!r}: expected VALUE or INDEX=VALUE,... with INDEX one of "
+                f"the devices in use ({', '.join(map(str, indices))})"
+            )
+        values[device] = value
+    return values
+
+
+def _gpu_count() -> int:
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _probe_nvml(index: int, pid: int) -> DeviceInfo | None:

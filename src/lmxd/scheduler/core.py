@@ -1,10 +1,12 @@
 """The scheduler: owns agents, models and the queue, and decides every step.
 
-One asyncio task runs :meth:`Scheduler.run`. Each turn it picks the next model with work
-(round robin), admits that model's queued jobs whose agents can be made resident, and runs a
-slice of steps: one ``llama_decode`` per step over one batch in which every active agent of
-the model has one entry (a prompt chunk, or its last sampled token). Models take turns a slice
-at a time, so agents of one model never starve the others. The engine's stepper executes the
+One asyncio task runs :meth:`Scheduler.run`. Each turn it picks, on each device, the next
+model with work (round robin among that device's models), admits those models' queued jobs
+whose agents can be made resident (one model after the other), and runs a slice of steps of
+each at once, each on its device's engine lane: one ``llama_decode`` per step over one batch in
+which every active agent of the model has one entry (a prompt chunk, or its last sampled
+token). Models of a device take turns a slice at a time, so agents of one model never starve
+the others; models on different devices decode at the same time. The engine's stepper executes the
 slice with plain values in and out (sequence ids in; per sequence, the tokens it gained and its
 reply once ended); this module applies what comes back. Nothing here blocks on llama.cpp.
 
@@ -40,6 +42,7 @@ from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
 from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
+from lmxd.scheduler.devices import Device, place
 from lmxd.scheduler.endings import Endings
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
@@ -75,7 +78,6 @@ class Scheduler:
     ) -> None:
         self.worker = worker
         self.room = room
-        self.ledger = room.ledger
         self.config = config
         self.agents: dict[str, Agent] = {}
         self._lock = asyncio.Lock()
@@ -113,20 +115,26 @@ class Scheduler:
             slot = self.room.slots.get(str(path))
             key = slot.key if slot is not None else model
             weights = self.room.weights_request(key, info)
-            # Admission: would the model and this agent's context fit if every context whose
-            # agents are all idle were closed? If not, no amount of parking helps: refuse now.
+            # Admission: would the model and this agent's context fit on its device if every
+            # context there whose agents are all idle were closed? If not, no amount of
+            # parking helps: refuse now. A model already loaded is admitted where it is; a
+            # new one goes where it fits with the most room left (lmxd.scheduler.devices).
             alone = self.room.context_request(key, info, n_ctx, 1)
-            evictable = [
-                s.context_reservation
-                for s in self.room.evictable()
-                if s.context_reservation is not None
-            ]
-            denial = self.ledger.fits(weights, alone, ignoring=evictable)
-            if denial is not None:
-                raise denial.error()
+
+            def denial_on(device: Device) -> Denial | None:
+                evictable = [
+                    s.context_reservation
+                    for s in self.room.evictable(device)
+                    if s.context_reservation is not None
+                ]
+                return device.ledger.fits(weights, alone, ignoring=evictable)
+
             if slot is None:
-                slot = await self.models.load(key, path, weights)
-            got = self.ledger.try_reserve(weights)
+                device = place(self.room.devices, denial_on)
+                slot = await self.models.load(key, path, weights, device)
+            elif (denial := denial_on(slot.device)) is not None:
+                raise denial.error()
+            got = slot.device.ledger.try_reserve(weights)
             assert not isinstance(got, Denial)  # the charge is live: another handle is free
             slot.weights[agent_id] = got[0]
             self.models.cancel_unload(slot)
@@ -271,7 +279,7 @@ class Scheduler:
             self.endings.release_held(slot)
             self.endings.send()
             await self.models.keep_alive(slot)  # holds the weights before this agent lets go
-        self.ledger.release(handle)
+        slot.device.ledger.release(handle)
         if not slot.agents and slot.context is not None:  # no agent is left to use it
             await self.room.close_context(slot)
         if not self.agents:
@@ -305,17 +313,11 @@ class Scheduler:
             for _ in range(_GATHER_YIELDS):
                 await asyncio.sleep(0)
             still = 0  # turns in a row in which no model could do anything
-            while (slot := self._next_slot()) is not None:
+            while slots := self._next_slots():
                 async with self._lock:
-                    self.reconcile()  # admission in this turn counts what the device holds
+                    self.reconcile()  # admission in this turn counts what the devices hold
                     try:
-                        moved = await self._run_slice(slot)
-                    except Exception as exc:  # a bug must not take the daemon down with it
-                        log.exception("scheduler error on model %s", slot.key)
-                        for agent in list(slot.agents.values()):
-                            for job in list(agent.jobs):
-                                self.endings.fail(agent, job, LmxdError(f"internal error: {exc!r}"))
-                        moved = True
+                        moved = await self._turn_of(slots)
                     finally:
                         self.endings.send()
                 # Every model waits (for a stream to be read, for room): nothing moves until
@@ -346,16 +348,48 @@ class Scheduler:
                     break
         await self._wake.wait()
 
-    def _next_slot(self) -> ModelSlot | None:
-        busy = [s for s in self.room.slots.values() if s.has_work]
-        if not busy:
-            return None
+    def _next_slots(self) -> list[ModelSlot]:
+        """The next model with work on each device, round robin among a device's models."""
+        by_device: dict[int, list[ModelSlot]] = {}
+        for slot in self.room.slots.values():
+            if slot.has_work:
+                by_device.setdefault(slot.device.index, []).append(slot)
         self._turn += 1
-        return busy[self._turn % len(busy)]
+        return [models[self._turn % len(models)] for models in by_device.values()]
 
-    async def _run_slice(self, slot: ModelSlot) -> bool:
-        """One turn of ``slot``: a park it owes; or admit its queued jobs, then up to
-        slice_steps steps. False if nothing could be done.
+    async def _turn_of(self, slots: list[ModelSlot]) -> bool:
+        """One turn of each of ``slots`` (one model per device): their admissions one after
+        the other, then their slices of steps at once, each on its device's engine lane, so
+        that two GPUs decode at the same time. False if nothing could be done."""
+        moved = False
+        steps = []
+        for slot in slots:
+            try:
+                admitted, active = await self._prepare(slot)
+            except Exception as exc:  # a bug must not take the daemon down with it
+                self._failed(slot, exc)
+                admitted, active = True, []
+            moved = moved or admitted or bool(active)
+            if active:
+                steps.append(self._step_guarded(slot, active))
+        await asyncio.gather(*steps)
+        return moved
+
+    async def _step_guarded(self, slot: ModelSlot, active: list[Agent]) -> None:
+        try:
+            await self._step(slot, active)
+        except Exception as exc:  # a bug must not take the daemon down with it
+            self._failed(slot, exc)
+
+    def _failed(self, slot: ModelSlot, exc: Exception) -> None:
+        log.exception("scheduler error on model %s", slot.key, exc_info=exc)
+        for agent in list(slot.agents.values()):
+            for job in list(agent.jobs):
+                self.endings.fail(agent, job, LmxdError(f"internal error: {exc!r}"))
+
+    async def _prepare(self, slot: ModelSlot) -> tuple[bool, list[Agent]]:
+        """``slot``'s part of a turn before its steps: a park it owes; or admit its queued
+        jobs and end the cancelled ones. Whether anything moved, and the agents to step.
 
         Copies of sequence state get turns of their own when other models have work: a
         16,000-token agent of a 1B model takes 11-13 ms to restore and as long to park, and
@@ -382,13 +416,13 @@ class Scheduler:
             finally:
                 if not slot.to_park:
                     self.endings.release_held(slot)
-            return True
+            return True, []
         transfers = self.room.transfers
         copies = transfers.parks + transfers.restores
         moved = await self._admit(slot)
         copied = transfers.parks + transfers.restores != copies
         if copied and any(s.has_work for s in self.room.slots.values() if s is not slot):
-            return True
+            return True, []
         active = [a for a in slot.agents.values() if a.activity is Activity.RUNNING]
         for agent in [a for a in active if a.jobs[0].cancelled]:
             job = agent.jobs[0]
@@ -399,11 +433,7 @@ class Scheduler:
             self.endings.finish(agent, job, StopReason.CANCELLED)
             active.remove(agent)
             moved = True
-        active = [a for a in active if not self._stalled(a.jobs[0])]
-        if active:
-            await self._step(slot, active)
-        self.endings.send()
-        return moved or bool(active)
+        return moved, [a for a in active if not self._stalled(a.jobs[0])]
 
     def _stalled(self, job: Job) -> bool:
         """True while ``job``'s stream buffer is full: its client is not reading, so its agent

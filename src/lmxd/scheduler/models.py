@@ -19,6 +19,7 @@ from lmxd.chat.template import ChatTemplate
 from lmxd.engine.worker import Worker
 from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
 from lmxd.memory.ledger import Denial, Request
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
@@ -56,7 +57,6 @@ class Models:
     ) -> None:
         self.worker = worker
         self.room = room
-        self.ledger = room.ledger
         self.models_dir = models_dir
         self.allowed_dirs = allowed_dirs
         self.keep_alive_s = keep_alive_s
@@ -82,23 +82,24 @@ class Models:
             raise ModelFileError(f"{path} is not a regular file", path=str(path))
         return path
 
-    async def load(self, key: str, path: Path, weights: Request) -> ModelSlot:
-        """Reserve the weights (closing idle contexts if need be), then load the model."""
-        while isinstance(got := self.ledger.try_reserve(weights), Denial):
-            victims = self.room.evictable()
+    async def load(self, key: str, path: Path, weights: Request, device: Device) -> ModelSlot:
+        """Reserve the weights on ``device`` (closing idle contexts there if need be), then
+        load the model onto it."""
+        while isinstance(got := device.ledger.try_reserve(weights), Denial):
+            victims = self.room.evictable(device)
             if not victims:
                 raise got.error()
             await self.room.close_context(victims[0])
         try:
-            model = await self.worker.load(path)
+            model = await self.worker.load(path, device.index)
         except LmxdError:
-            self.ledger.release(got[0])
+            device.ledger.release(got[0])
             raise
         chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
-        slot = ModelSlot(key, path, model.info, model, chat)
+        slot = ModelSlot(key, path, model.info, model, chat, device)
         slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
         self.room.slots[str(path)] = slot
-        log.info("load model=%s bytes=%d", key, got[0].bytes)
+        log.info("load model=%s device=%d bytes=%d", key, device.index, got[0].bytes)
         return slot
 
     def cancel_unload(self, slot: ModelSlot) -> None:
@@ -108,11 +109,12 @@ class Models:
             slot.unload_timer = None
         keepalive = slot.weights.pop(KEEPALIVE_HOLDER, None)
         if keepalive is not None:
-            self.ledger.release(keepalive)
+            slot.device.ledger.release(keepalive)
 
     async def keep_alive(self, slot: ModelSlot) -> None:
         """No agent refers to ``slot`` any more: unload it after the keep-alive."""
-        got = self.ledger.try_reserve(Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}"))
+        weights = Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}")
+        got = slot.device.ledger.try_reserve(weights)
         assert not isinstance(got, Denial)  # keyed and live: costs nothing
         slot.weights[KEEPALIVE_HOLDER] = got[0]
         if self.keep_alive_s <= 0:
@@ -137,7 +139,7 @@ class Models:
             await self.room.close_context(slot)
         await self.worker.unload(slot.model)
         for handle in slot.weights.values():
-            self.ledger.release(handle)
+            slot.device.ledger.release(handle)
         slot.weights.clear()
         del self.room.slots[str(slot.path)]
         log.info("unload model=%s", slot.key)

@@ -3,8 +3,10 @@
 Every way of getting memory for an agent is here, in the order the scheduler tries them:
 a free sequence of its model's context; else park that model's least recently used idle
 agent (its state goes to host RAM and its cells are freed); for a context that does not exist
-yet, reserve it in the ledger, closing other models' contexts whose agents are all idle (least
-recently used first) until it fits. Each park is one structured log line.
+yet, reserve it in its device's ledger, closing other models' contexts on that device whose
+agents are all idle (least recently used first) until it fits. Each park is one structured log
+line. Each device has a ledger of its own (lmxd.scheduler.devices): a model's weights and
+context are charged to the device it was placed on, and only contexts there make room for it.
 
 A context stays open when its agents are all parked (its streams empty, its memory still
 reserved) until another model needs the room, its streams must grow, or its model unloads:
@@ -47,10 +49,10 @@ from lmxd.errors import LmxdError, ParkBudgetExceeded
 from lmxd.kvdisk import DiskTier, StateOwner
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
-from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
-from lmxd.memory.reconcile import Reconciler
+from lmxd.memory.ledger import Denial, Request, Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Activity, Agent, Memory
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.jobs import Job
 from lmxd.scheduler.slots import ModelSlot
 
@@ -97,15 +99,13 @@ class Residency:
     def __init__(
         self,
         worker: Worker,
-        ledger: Ledger,
+        devices: list[Device],  # in index order
         store: KvStore,
         config: ResidencyConfig,
-        reconciler: Reconciler | None = None,  # the device's own figure (GPU)
         disk: DiskTier | None = None,  # state files under the park directory, if any
     ) -> None:
         self.worker = worker
-        self.ledger = ledger
-        self.reconciler = reconciler
+        self.devices = devices
         self.store = store
         self.disk = disk
         self.config = config
@@ -130,15 +130,15 @@ class Residency:
         return Request(f"context:{key}", parts)
 
     def evictable(
-        self, exclude: ModelSlot | None = None, for_job: Job | None = None
+        self, device: Device, exclude: ModelSlot | None = None, for_job: Job | None = None
     ) -> list[ModelSlot]:
-        """Other models' contexts that may be closed, least recently used first: those whose
-        agents are all idle, and, for ``for_job``, those whose agents only wait for jobs
-        submitted after it (first come, first served between models: a model whose agents
-        always have work must not keep the memory from a job that came first)."""
+        """Other models' contexts on ``device`` that may be closed, least recently used first:
+        those whose agents are all idle, and, for ``for_job``, those whose agents only wait
+        for jobs submitted after it (first come, first served between models: a model whose
+        agents always have work must not keep the memory from a job that came first)."""
 
         def closable(s: ModelSlot) -> bool:
-            if s is exclude or s.context is None:
+            if s is exclude or s.context is None or s.device is not device:
                 return False
             if s.all_idle:
                 return True
@@ -166,17 +166,18 @@ class Residency:
         for n_ctx, seqs in dict.fromkeys(shapes):
             request = self.context_request(slot.key, slot.info, n_ctx, seqs)
             while True:
-                got = self.ledger.try_reserve(request)
+                got = slot.device.ledger.try_reserve(request)
                 if not isinstance(got, Denial):
                     await self._create_context(slot, n_ctx, seqs, got[0])
                     return True
                 denial = got
-                victims = self.evictable(exclude=slot, for_job=job)
+                victims = self.evictable(slot.device, exclude=slot, for_job=job)
                 if not victims:
                     break
                 await self.close_context(victims[0], job)
         assert denial is not None
-        if any(s.context is not None for s in self.slots.values() if s is not slot):
+        others = [s for s in self.slots.values() if s is not slot and s.device is slot.device]
+        if any(s.context is not None for s in others):
             # Busy contexts will go idle, and then be closed for this one; meanwhile their
             # models admit no job that came after it (Scheduler._admit).
             return False
@@ -196,7 +197,7 @@ class Residency:
         try:
             slot.context = await self.worker.open_context(slot.model, params)
         except LmxdError:
-            self.ledger.release(res)
+            slot.device.ledger.release(res)
             raise
         slot.context_reservation = res
         slot.seqs = [None] * n_seq
@@ -224,17 +225,17 @@ class Residency:
         if ctx is not None:
             await self.worker.close_context(ctx)
         if slot.context_reservation is not None:
-            self.ledger.release(slot.context_reservation)
+            slot.device.ledger.release(slot.context_reservation)
             slot.context_reservation = None
         log.info("context closed model=%s ms=%.1f", slot.key, (time.perf_counter() - t0) * 1000)
         # What the device held for it beyond the ledger (its scratch pools) went with it:
         # admission retried in this same round of making room must not count it still.
-        self.reconcile()
+        slot.device.reconcile()
 
     def reconcile(self) -> None:
-        """Charge what the device holds beyond the ledger to it (GPU only: memory/reconcile)."""
-        if self.reconciler is not None:
-            self.reconciler.reconcile()
+        """Charge what each device holds beyond its ledger to it (GPU only: memory/reconcile)."""
+        for device in self.devices:
+            device.reconcile()
 
     # -- agents ------------------------------------------------------------------------------
 

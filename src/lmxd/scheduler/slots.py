@@ -20,6 +20,7 @@ from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.results import DecodeResult
 from lmxd.scheduler.agents import Activity, Agent, Memory
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.jobs import Job
 
 KEEPALIVE_HOLDER = "\0keepalive"  # the weights handle held while no agent refers to the model
@@ -32,6 +33,7 @@ class ModelSlot:
     info: ModelInfo
     model: ModelHandle
     chat: ChatTemplate
+    device: Device  # where its weights, KV and compute live
     agents: dict[str, Agent] = field(default_factory=dict)
     weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
     context: ContextHandle | None = None

@@ -38,6 +38,7 @@ from lmxd.registry import FORMAT as REGISTRY_FORMAT
 from lmxd.registry import AgentRecord, AgentRegistry
 from lmxd.results import DecodeResult, Piece
 from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Scheduler
+from lmxd.scheduler.devices import Device
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
 from lmxd.service.views import AgentView, LoadedModel, Registered
@@ -120,13 +121,11 @@ class Service:
         scheduler: Scheduler,
         limits: Limits,
         on_stop: Callable[[], None],
-        device_index: int = 0,
         registry: AgentRegistry | None = None,  # agents on disk, for a restart
     ) -> None:
         self.scheduler = scheduler
         self.limits = limits
         self.on_stop = on_stop
-        self.device_index = device_index
         self.registry = registry
         self.restored = 0  # agents registered again from the registry at the start
         self.from_disk = 0  # of those, agents whose KV state came back from its file
@@ -428,34 +427,19 @@ class Service:
                 "default_n_ctx": self.limits.default_n_ctx,
                 "park_budget": self.limits.park_budget,
             },
-            "device": protocol.to_builtins(probe_device(self.device_index)),
+            "device": protocol.to_builtins(probe_device(self.scheduler.room.devices[0].index)),
             "http": self.http_url,
         }
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
-        ledger, meter, disk = sched.ledger, sched.room.reconciler, sched.room.disk
-        by_model: dict[str, dict[str, int]] = {}
-        by_agent: dict[str, int] = {}
-        for slot in sched.room.slots.values():
-            weights = next(iter(slot.weights.values())).bytes if slot.weights else 0
-            context = slot.context_reservation.bytes if slot.context_reservation else 0
-            by_model[slot.key] = {"weights": weights, "context": context}
-            per_token = estimate(slot.info, 1).kv_per_token
-            for agent in slot.agents.values():
-                by_agent[agent.id] = agent.kv_tokens * per_token if agent.seq is not None else 0
+        disk = sched.room.disk
+        devices = [self._device_status(device) for device in sched.room.devices]
         agents = sched.agents.values()
         return {
-            "device": protocol.to_builtins(probe_device(self.device_index)),
-            "ledger": {
-                "cap": ledger.cap,
-                "reserved": ledger.reserved,
-                "unaccounted": ledger.unaccounted,
-                "device_measured": None if meter is None else meter.measured,
-                "by_owner": ledger.snapshot(),
-                "by_model": by_model,
-                "by_agent": by_agent,
-            },
+            "device": devices[0]["device"],
+            "ledger": devices[0]["ledger"],
+            "devices": devices,
             "parked_host_bytes": sched.room.store.used,
             "transfers": protocol.to_builtins(sched.room.transfers),
             "park_budget": sched.room.store.budget,
@@ -487,6 +471,34 @@ class Service:
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
+    def _device_status(self, device: Device) -> dict[str, Any]:
+        """One device for STATUS: what the probe reads now, and its ledger."""
+        ledger, meter = device.ledger, device.reconciler
+        by_model: dict[str, dict[str, int]] = {}
+        by_agent: dict[str, int] = {}
+        for slot in self.scheduler.room.slots.values():
+            if slot.device is not device:
+                continue
+            weights = next(iter(slot.weights.values())).bytes if slot.weights else 0
+            context = slot.context_reservation.bytes if slot.context_reservation else 0
+            by_model[slot.key] = {"weights": weights, "context": context}
+            per_token = estimate(slot.info, 1).kv_per_token
+            for agent in slot.agents.values():
+                by_agent[agent.id] = agent.kv_tokens * per_token if agent.seq is not None else 0
+        return {
+            "index": device.index,
+            "device": protocol.to_builtins(probe_device(device.index)),
+            "ledger": {
+                "cap": ledger.cap,
+                "reserved": ledger.reserved,
+                "unaccounted": ledger.unaccounted,
+                "device_measured": None if meter is None else meter.measured,
+                "by_owner": ledger.snapshot(),
+                "by_model": by_model,
+                "by_agent": by_agent,
+            },
+        }
+
     def available_models(self) -> list[str]:
         """Model names a request may use: the catalog's fetched models, synthetic models in
         the models directory, and whatever else is loaded."""
@@ -509,6 +521,7 @@ class Service:
                 last_used=round(a.last_used, 3),
                 auto=a.id in auto,
                 owner=a.owner,
+                device=a.slot.device.index,
             )
             for a in self.scheduler.agents.values()
         ]
@@ -524,6 +537,7 @@ class Service:
                 n_seq=len(slot.seqs),
                 pool_cells=slot.pool_cells,
                 used_cells=slot.used_cells(),
+                device=slot.device.index,
             )
             for slot in self.scheduler.room.slots.values()
         ]

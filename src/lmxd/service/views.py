@@ -19,13 +19,14 @@ class Registered(msgspec.Struct, frozen=True):
 class AgentView(msgspec.Struct, frozen=True):
     agent: str
     model: str
-    state: str  # Agent.state: empty, resident, parked, queued, decoding, parking, restoring
+    state: str  # Agent.state: empty, resident, parked, spilled, queued, decoding, parking...
     n_ctx: int
     tokens: int  # tokens of its conversation
-    kv_tokens: int  # of those, held in KV (resident or parked)
+    kv_tokens: int  # of those, held in KV (resident, parked or spilled)
     last_used: float  # Unix time its last DECODE ended, or its registration
     auto: bool  # created by the HTTP API for a request that named a model
     owner: int  # the uid that registered it (the daemon's own for the HTTP API)
+    device: int  # the device its model is on: its KV is there, or comes back there
 
 
 class LoadedModel(msgspec.Struct, frozen=True):
@@ -37,3 +38,4 @@ class LoadedModel(msgspec.Struct, frozen=True):
     n_seq: int
     pool_cells: int
     used_cells: int
+    device: int  # the device its weights, KV and compute are on

@@ -45,29 +45,41 @@ class ServiceCollector(Collector):
             used / cells if cells else 0.0,
         )
 
-        ledger, device = status["ledger"], status["device"]
-        yield gauge("lmxd_ledger_cap_bytes", "Bytes the VRAM ledger admits", ledger["cap"])
-        yield gauge(
-            "lmxd_ledger_reserved_bytes", "Bytes reserved in the ledger", ledger["reserved"]
-        )
-        yield gauge(
-            "lmxd_ledger_unaccounted_bytes",
-            "Device bytes beyond every reservation, charged to the ledger (GPU)",
-            ledger["unaccounted"],
-        )
+        # One series per device in use, labelled with its index.
+        per_device = {
+            name: GaugeMetricFamily(name, doc, labels=["device"])
+            for name, doc in (
+                ("lmxd_ledger_cap_bytes", "Bytes the device's VRAM ledger admits"),
+                ("lmxd_ledger_reserved_bytes", "Bytes reserved in the device's ledger"),
+                (
+                    "lmxd_ledger_unaccounted_bytes",
+                    "Device bytes beyond every reservation, charged to its ledger (GPU)",
+                ),
+                ("lmxd_device_total_bytes", "Device memory in all"),
+                ("lmxd_device_free_bytes", "Device memory free"),
+                ("lmxd_device_process_used_bytes", "Device memory this process uses"),
+            )
+        }
         owners = GaugeMetricFamily(
-            "lmxd_ledger_owner_bytes", "Ledger bytes by owner", labels=["owner"]
+            "lmxd_ledger_owner_bytes",
+            "Ledger bytes by device and owner",
+            labels=["device", "owner"],
         )
-        for owner, nbytes in ledger["by_owner"].items():
-            owners.add_metric([owner], nbytes)
+        for entry in status["devices"]:
+            index, ledger, device = str(entry["index"]), entry["ledger"], entry["device"]
+            for name, value in (
+                ("lmxd_ledger_cap_bytes", ledger["cap"]),
+                ("lmxd_ledger_reserved_bytes", ledger["reserved"]),
+                ("lmxd_ledger_unaccounted_bytes", ledger["unaccounted"]),
+                ("lmxd_device_total_bytes", device["total"]),
+                ("lmxd_device_free_bytes", device["free"]),
+                ("lmxd_device_process_used_bytes", device["process_used"]),
+            ):
+                per_device[name].add_metric([index], value)
+            for owner, nbytes in ledger["by_owner"].items():
+                owners.add_metric([index, owner], nbytes)
+        yield from per_device.values()
         yield owners
-        yield gauge("lmxd_device_total_bytes", "Device memory in all", device["total"])
-        yield gauge("lmxd_device_free_bytes", "Device memory free", device["free"])
-        yield gauge(
-            "lmxd_device_process_used_bytes",
-            "Device memory this process uses",
-            device["process_used"],
-        )
         yield gauge(
             "lmxd_parked_host_bytes", "Host RAM holding parked KV", status["parked_host_bytes"]
         )

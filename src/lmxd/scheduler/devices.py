@@ -1,0 +1,85 @@
+"""The devices models are placed on, each with a ledger under its own cap, and where a model goes.
+
+Placement: a model already loaded stays where it is, and a new agent of it joins it there. A
+new model goes to the device where it fits (its weights and one agent's context, counting the
+room that closing idle contexts there would give back) with the most room left after it, the
+lowest index first on a tie; where it fits on none, its REGISTER is refused with each device's
+numbers. A model lives on one device: its weights, its KV and its compute buffers (llama.cpp's
+split mode "none", ``main_gpu`` the device), so that each device's ledger charges exactly what
+that device holds, and its agents' parked states come back onto it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lmxd.errors import LedgerDenied
+from lmxd.memory.device import DeviceInfo
+from lmxd.memory.ledger import Denial, Ledger
+from lmxd.memory.reconcile import Reconciler
+from lmxd.units import format_bytes
+
+
+@dataclass
+class Device:
+    """One device in use: what it is, its ledger, and (on a GPU) what reads its own figure."""
+
+    index: int
+    info: DeviceInfo  # as probed at the start: kind, name, total
+    ledger: Ledger
+    reconciler: Reconciler | None = None
+
+    def reconcile(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.reconcile()
+
+
+def place(devices: Sequence[Device], denial_on: Callable[[Device], Denial | None]) -> Device:
+    """The device for a new model: of those where ``denial_on`` gives no denial, the one with
+    the most room left (the lowest index on a tie). LedgerDenied with every device's numbers
+    where it fits on none."""
+    refused: list[tuple[Device, Denial]] = []
+    fits: list[Device] = []
+    for device in devices:
+        denial = denial_on(device)
+        if denial is None:
+            fits.append(device)
+        else:
+            refused.append((device, denial))
+    if fits:
+        return max(fits, key=lambda d: (d.ledger.cap - d.ledger.reserved, -d.index))
+    if len(refused) == 1:
+        raise refused[0][1].error()
+    raise _refusal(refused)
+
+
+def _refusal(refused: list[tuple[Device, Denial]]) -> LedgerDenied:
+    """A model that fits on no device: the numbers of each, and at the top level those of the
+    device that came closest."""
+    best = max((denial for _, denial in refused), key=lambda denial: denial.free)
+    detail = "; ".join(
+        f"device {device.index}: at most {format_bytes(denial.free)} of its "
+        f"{format_bytes(denial.cap)} cap"
+        for device, denial in refused
+    )
+    return LedgerDenied(
+        f"VRAM ledger denies {' + '.join(best.owners)} on every device: needs "
+        f"{format_bytes(best.requested)}; {detail}",
+        reason="CAP",
+        cap_bytes=best.cap,
+        reserved_bytes=best.reserved,
+        requested_bytes=best.requested,
+        reclaimable_bytes=best.reclaimable,
+        parts=dict(best.parts),
+        devices=[
+            {
+                "device": device.index,
+                "cap_bytes": denial.cap,
+                "reserved_bytes": denial.reserved,
+                "requested_bytes": denial.requested,
+                "reclaimable_bytes": denial.reclaimable,
+            }
+            for device, denial in refused
+        ],
+    )
