@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from daemon_harness import Daemon, Wire
 
+from lmxd.errors import DaemonFailed
 from lmxd.memory.estimator import Backend, estimate, weight_bytes
 from lmxd.modelfile import read_model_info
 from lmxd.spawn import DaemonProcess
@@ -514,3 +515,22 @@ def test_shutdown_from_another_user_is_forbidden() -> None:
     with pytest.raises(Forbidden) as exc:
         service.shutdown(peer_uid=os.getuid() + 1)
     assert exc.value.details["daemon_uid"] == os.getuid() and not stopped
+
+
+def test_caps_per_device_and_devices_that_are_not_there() -> None:
+    """``--vram-cap-percent 0=50``: device 0's ledger admits half of it; ``--devices 1`` on a
+    machine without a second device stops the start with the reason."""
+    d = Daemon("--vram-cap-percent", "0=50")
+    try:
+        status = d.wire().ok("STATUS")
+        [entry] = status["devices"]
+        assert entry["index"] == 0 and entry["ledger"] == status["ledger"]
+        assert entry["ledger"]["cap"] == int(entry["device"]["total"] * 0.5)
+    finally:
+        assert d.stop() == 0, d.log()
+    if status["device"]["kind"] == "cuda":
+        return  # a GPU machine may have a device 1
+    with pytest.raises(DaemonFailed, match="no GPU"):
+        Daemon("--devices", "1")
+    with pytest.raises(DaemonFailed, match="--vram-limit"):
+        Daemon("--vram-limit", "1=8GiB")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lmxd.errors import BudgetParseError, InvalidInput
-from lmxd.memory.device import DeviceInfo, ledger_cap, probe_device
+from lmxd.memory.device import DeviceInfo, ledger_cap, per_device, probe_device, probe_devices
 from lmxd.units import GiB
 
 
@@ -34,3 +34,28 @@ def test_bad_percent(percent: float) -> None:
 def test_bad_limit() -> None:
     with pytest.raises(BudgetParseError):
         ledger_cap(probe_device(), limit="eight gigs")
+
+
+def test_one_value_for_every_device_or_one_per_device() -> None:
+    assert per_device(None, [0, 1], "--vram-limit") == {0: None, 1: None}
+    assert per_device("8GiB", [0, 1], "--vram-limit") == {0: "8GiB", 1: "8GiB"}
+    both = per_device("0=8GiB,1=16GiB", [0, 1], "--vram-limit")
+    assert both == {0: "8GiB", 1: "16GiB"}
+    assert per_device("1=80", [0, 1], "--vram-cap-percent") == {0: None, 1: "80"}
+
+
+@pytest.mark.parametrize("spec", ["2=4GiB", "x=4GiB", "0=", "0=1GiB,,1=2GiB"])
+def test_a_per_device_value_for_no_device_in_use_is_refused(spec: str) -> None:
+    with pytest.raises(InvalidInput, match="--vram-limit") as refused:
+        per_device(spec, [0, 1], "--vram-limit")
+    assert "0, 1" in str(refused.value)
+
+
+def test_without_a_gpu_the_one_device_is_host_memory() -> None:
+    if probe_device().kind == "cuda":
+        pytest.skip("this machine has a GPU: covered by the gpu tests")
+    [host] = probe_devices()
+    assert (host.kind, host.index) == ("cpu", 0)
+    assert [d.kind for d in probe_devices([0])] == ["cpu"]
+    with pytest.raises(InvalidInput, match="no GPU"):
+        probe_devices([1])

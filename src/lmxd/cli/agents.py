@@ -187,33 +187,40 @@ def _echo_json(value: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw STATUS reply.")
 @socket_option
 def status(as_json: bool, socket_path: Path | None) -> None:
-    """The device, the VRAM ledger and who holds it, parked state and the queue."""
+    """Each device and its VRAM ledger (who holds what), parked state and the queue."""
     with Client(socket_path) as client:
         got = client.status()
     if as_json:
         _echo_json(got)
         return
-    device, ledger, queue = got.get("device", {}), got.get("ledger", {}), got.get("queue", {})
-    cap, reserved = ledger.get("cap"), ledger.get("reserved")
-    free = cap - reserved if cap is not None and reserved is not None else None
-    owners = sorted(ledger.get("by_owner", {}).items())
-    table = Table(title=f"{device.get('name', '?')} ({device.get('kind', '?')})")
-    table.add_column("")
-    table.add_column("bytes", justify="right")
-    for name, n in [
-        ("device total", device.get("total")),
-        ("device free", device.get("free")),
-        ("used by the daemon", device.get("process_used")),
-        ("ledger cap", cap),
-        ("ledger reserved", reserved),
-        *((f"  {owner}", n) for owner, n in owners),
-        ("ledger free", free),
-        ("parked in host RAM", got.get("parked_host_bytes")),
-        ("park budget", got.get("park_budget")),
-        ("parked on disk", (got.get("disk") or {}).get("bytes")),
-    ]:
-        table.add_row(name, _bytes(n))
-    console.print(table)
+    queue = got.get("queue", {})
+    for entry in got.get("devices", []):
+        device, ledger = entry.get("device", {}), entry.get("ledger", {})
+        cap, reserved = ledger.get("cap"), ledger.get("reserved")
+        free = cap - reserved if cap is not None and reserved is not None else None
+        owners = sorted(ledger.get("by_owner", {}).items())
+        table = Table(
+            title=f"device {entry.get('index', '?')}: {device.get('name', '?')} "
+            f"({device.get('kind', '?')})"
+        )
+        table.add_column("")
+        table.add_column("bytes", justify="right")
+        for name, n in [
+            ("device total", device.get("total")),
+            ("device free", device.get("free")),
+            ("used by the daemon", device.get("process_used")),
+            ("ledger cap", cap),
+            ("ledger reserved", reserved),
+            *((f"  {owner}", n) for owner, n in owners),
+            ("ledger free", free),
+        ]:
+            table.add_row(name, _bytes(n))
+        console.print(table)
+    console.print(
+        f"parked in host RAM: {_bytes(got.get('parked_host_bytes'))} of a "
+        f"{_bytes(got.get('park_budget'))} budget · on disk: "
+        f"{_bytes((got.get('disk') or {}).get('bytes'))}"
+    )
     console.print(
         f"agents: {got.get('agents', '?')} · queue: {queue.get('depth', '?')} of "
         f"{queue.get('max', '?')} · up {got.get('uptime_s', '?')} s"
@@ -236,7 +243,7 @@ def _table(title: str, columns: dict[str, str]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw list of agents.")
 @socket_option
 def list_agents(as_json: bool, socket_path: Path | None) -> None:
-    """The registered agents: model, state, context and tokens held."""
+    """The registered agents: model, device, state, context and tokens held."""
     with Client(socket_path) as client:
         agents = client.list_agents()
     if as_json:
@@ -248,6 +255,7 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
         {
             "agent": "l",
             "model": "l",
+            "device": "r",
             "state": "l",
             "n_ctx": "r",
             "tokens": "r",
@@ -259,7 +267,7 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
         name = f"{a.get('agent')}{' (auto)' if a.get('auto') else ''}"  # made by the HTTP API
         table.add_row(
             name,
-            *(str(a.get(k)) for k in ("model", "state", "n_ctx", "tokens", "kv_tokens")),
+            *(str(a.get(k)) for k in ("model", "device", "state", "n_ctx", "tokens", "kv_tokens")),
             _ago(a.get("last_used")),
         )
     console.print(table)
