@@ -113,6 +113,11 @@ class Agent:
     copy: ParkedState | None = None
     jobs: list[Job] = field(default_factory=list)  # FIFO; the head is the one in progress
     last_used: float = field(default_factory=time.time)
+    # Since it registered, for `lmxd top`: tokens generated (counted after every slice, so a
+    # reply in progress moves it), parks and restores of its KV.
+    generated: int = 0
+    parks: int = 0
+    restores: int = 0
 
     def place(self, to: Memory) -> None:
         """Move its KV along an allowed edge; anything else is a scheduler bug."""

@@ -587,6 +587,8 @@ class Scheduler:
         """What a slice did to one agent: its conversation grew; its reply may have ended."""
         job = agent.jobs[0]
         agent.tokens.extend(report.generated)
+        agent.generated += len(report.generated)
+        agent.slot.generated += len(report.generated)
         agent.kv = report.kv_tokens
         job.timings.prefill += report.prefill_s
         job.timings.decode += report.decode_s

@@ -274,6 +274,7 @@ class Residency:
         agent.seq, agent.parked, agent.copy, agent.kv = None, state, None, 0
         agent.place(Memory.PARKED)
         elapsed = time.perf_counter() - t0
+        agent.parks += 1
         self.transfers.parks += 1
         if ahead:
             self.transfers.parks_ahead += 1
@@ -563,6 +564,7 @@ class Residency:
             elapsed = time.perf_counter() - t0
             job.timings.restore += elapsed
             job.restored = True
+            agent.restores += 1
             self.transfers.restores += 1
             self.transfers.restore_bytes += state.nbytes
             self.transfers.restore_s += elapsed

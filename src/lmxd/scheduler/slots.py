@@ -44,6 +44,7 @@ class ModelSlot:
     seqs: list[str | None] = field(default_factory=list)  # agent id per sequence id
     unload_timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.monotonic)
+    generated: int = 0  # tokens its agents generated since it loaded (after every slice)
 
     @property
     def pool_cells(self) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,9 @@ from lmxd.errors import (
     Busy,
     Forbidden,
     InvalidInput,
+    LedgerDenied,
     LmxdError,
+    ParkBudgetExceeded,
     PromptTooLong,
     ShuttingDown,
     UnknownAgent,
@@ -41,10 +43,13 @@ from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Sc
 from lmxd.scheduler.devices import Device
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
-from lmxd.service.views import AgentView, LoadedModel, Registered
+from lmxd.service.views import AgentView, LoadedModel, Refusal, Registered
 
 log = logging.getLogger("lmxd.service")
 GONE = "(unregistered)"  # the agent label of counts of agents since unregistered
+# Requests refused for lack of room or of a place in the queue: the latest are in STATUS.
+REFUSAL_CODES = frozenset({LedgerDenied.code, ParkBudgetExceeded.code, Busy.code})
+REFUSALS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class Service:
         # Counters since the start, by (model, agent): /metrics reads them.
         self.tokens: Counter[tuple[str, str, str]] = Counter()  # (model, agent, kind)
         self.decodes: Counter[tuple[str, str]] = Counter()  # (model, stop_reason or code)
+        self.refusals: deque[Refusal] = deque(maxlen=REFUSALS_KEPT)  # the latest, for STATUS
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -157,14 +163,18 @@ class Service:
         HTTP API's auto-agents are not)."""
         self._check_open()
         params = SamplingParams(**(sampling or {}))
-        got = await self.scheduler.register(
-            agent,
-            model,
-            n_ctx or self.limits.default_n_ctx,
-            params,
-            system_prompt,
-            self.uid if caller is None else caller,
-        )
+        try:
+            got = await self.scheduler.register(
+                agent,
+                model,
+                n_ctx or self.limits.default_n_ctx,
+                params,
+                system_prompt,
+                self.uid if caller is None else caller,
+            )
+        except LmxdError as exc:
+            self._refused("REGISTER", agent, exc)
+            raise
         if kept:
             self._persist(agent)
         return Registered(
@@ -270,7 +280,11 @@ class Service:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
         self._check_open()
         self.scheduler.owned(request.agent, self.uid if caller is None else caller)
-        job = self.scheduler.submit(request)
+        try:
+            job = self.scheduler.submit(request)
+        except LmxdError as exc:
+            self._refused("DECODE", request.agent, exc)
+            raise
         job.done.add_done_callback(lambda done: self._count(job, done))
         job.done.add_done_callback(lambda _: self._persist(request.agent))
         return DecodeStream(self.scheduler, job)
@@ -449,6 +463,7 @@ class Service:
                 "running": sum(a.activity is Activity.RUNNING for a in agents),
             },
             "agents": len(sched.agents),
+            "refusals": [protocol.to_builtins(r) for r in self.refusals],
             "disk": None
             if disk is None
             else {
@@ -522,11 +537,15 @@ class Service:
                 auto=a.id in auto,
                 owner=a.owner,
                 device=a.slot.device.index,
+                generated_tokens=a.generated,
+                parks=a.parks,
+                restores=a.restores,
             )
             for a in self.scheduler.agents.values()
         ]
 
     def models(self) -> list[LoadedModel]:
+        now = asyncio.get_running_loop().time()
         return [
             LoadedModel(
                 model=slot.key,
@@ -538,9 +557,23 @@ class Service:
                 pool_cells=slot.pool_cells,
                 used_cells=slot.used_cells(),
                 device=slot.device.index,
+                resident=len(slot.residents()),
+                generated_tokens=slot.generated,
+                unload_in_s=None if timer is None else round(max(0.0, timer.when() - now), 1),
             )
             for slot in self.scheduler.room.slots.values()
+            for timer in [slot.unload_timer]
         ]
+
+    def _refused(self, op: str, agent: str, exc: LmxdError) -> None:
+        """Keep ``exc`` among the latest refusals if it is one: no room, or no place in the
+        queue (not a malformed or unknown request)."""
+        if exc.code in REFUSAL_CODES:
+            self.refusals.append(
+                Refusal(
+                    time.time(), op, agent, exc.code, str(exc), protocol.to_builtins(exc.details)
+                )
+            )
 
     def _forget(self, agent: str) -> None:
         """An agent went: its counts move to the ``(unregistered)`` series of its model, so
@@ -557,6 +590,8 @@ class Service:
         if exc is not None:
             code = exc.code if isinstance(exc, LmxdError) else LmxdError.code
             self.decodes[(model, code)] += 1
+            if isinstance(exc, LmxdError):
+                self._refused("DECODE", agent, exc)
             return
         result = done.result()
         self.decodes[(model, result.stop_reason.value)] += 1

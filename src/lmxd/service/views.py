@@ -6,6 +6,8 @@ docs/protocol.md documents.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -27,6 +29,9 @@ class AgentView(msgspec.Struct, frozen=True):
     auto: bool  # created by the HTTP API for a request that named a model
     owner: int  # the uid that registered it (the daemon's own for the HTTP API)
     device: int  # the device its model is on: its KV is there, or comes back there
+    generated_tokens: int  # since it registered, counted after every slice of steps
+    parks: int  # times its KV was parked to host RAM
+    restores: int  # times its KV was restored onto the device
 
 
 class LoadedModel(msgspec.Struct, frozen=True):
@@ -39,3 +44,17 @@ class LoadedModel(msgspec.Struct, frozen=True):
     pool_cells: int
     used_cells: int
     device: int  # the device its weights, KV and compute are on
+    resident: int  # its agents whose KV is on the device now
+    generated_tokens: int  # by its agents since it loaded, counted after every slice
+    unload_in_s: float | None  # no agent left: seconds until it unloads (keep-alive)
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    """A request refused for lack of room or of queue (STATUS ``refusals``)."""
+
+    time: float  # Unix time
+    op: str  # REGISTER or DECODE
+    agent: str
+    code: str  # VRAM_LEDGER_DENY, PARK_BUDGET_EXCEEDED or BUSY
+    message: str
+    details: dict[str, Any]  # the error's numbers
