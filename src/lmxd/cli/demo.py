@@ -2,9 +2,11 @@
 
 A coder and a reviewer on SmolLM2-135M-Instruct and a documentation writer on Gemma 3 270M run
 concurrently through one daemon whose ledger behaves like an 8 GB card; each agent's output
-streams in its own labelled lines. Then the same three agents continue their conversations on a
-card squeezed to 560 MiB, where they no longer fit at once and the daemon parks and restores
-them. Beside it: what three separate llama.cpp processes at the article's n_ctx would reserve.
+streams in its own labelled lines. Then the same three agents hold two rounds of conversation
+on a card squeezed to 560 MiB, with one sequence per model (``--max-seqs 1``): the coder and
+the reviewer take turns on SmolLM2's, and the daemon parks and restores them as they do. Beside it: what three separate llama.cpp processes at the article's n_ctx would reserve.
+With ``--chart PATH``, the second part's timeline (memory over time, each agent's states, its
+parks and restores) is drawn to PATH (lmxd.cli.timeline).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.table import Table
 from lmxd import catalog
 from lmxd.cli import console, main
 from lmxd.cli.models import models, models_dir_option
+from lmxd.cli.timeline import Timeline, draw
 from lmxd.client import AsyncClient, DecodeResult
 from lmxd.memory.estimator import estimate
 from lmxd.modelfile import read_model_info
@@ -115,7 +118,21 @@ async def _turn(client: AsyncClient, role: Role, turn: int) -> DecodeResult:
     return stream.result
 
 
-async def _session(socket: Path, rounds: int) -> dict[str, list[DecodeResult]]:
+async def _session(
+    socket: Path, rounds: int, timeline: Timeline | None = None
+) -> dict[str, list[DecodeResult]]:
+    """The agents' rounds; ``timeline``, if given, reads the daemon meanwhile."""
+    done = asyncio.Event()
+    recording = asyncio.create_task(timeline.record(socket, done)) if timeline else None
+    try:
+        return await _rounds(socket, rounds)
+    finally:
+        done.set()
+        if recording is not None:
+            await recording
+
+
+async def _rounds(socket: Path, rounds: int) -> dict[str, list[DecodeResult]]:
     results: dict[str, list[DecodeResult]] = {r.agent: [] for r in ROLES}
     async with await AsyncClient.connect(socket) as client:
         for role in ROLES:
@@ -212,10 +229,18 @@ def _naive(directory: Path, budget: int) -> None:
     "--squeeze",
     default="560MiB",
     show_default=True,
-    help="The smaller card of the second part, where agents must take turns.",
+    help="The smaller card of the second part, where agents of a model take turns.",
+)
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Draw the second part's timeline (memory, agents' states, parks, restores) as a PNG.",
 )
 @click.pass_context
-def demo(ctx: click.Context, models_dir: Path | None, vram_limit: str, squeeze: str) -> None:
+def demo(
+    ctx: click.Context, models_dir: Path | None, vram_limit: str, squeeze: str, chart: Path | None
+) -> None:
     """Three agents on two models share one budget; then a smaller one, with parking."""
     ctx.invoke(models, models_dir=models_dir)
     directory = catalog.models_dir(models_dir)
@@ -225,7 +250,11 @@ def demo(ctx: click.Context, models_dir: Path | None, vram_limit: str, squeeze: 
         first = asyncio.run(_session(daemon.socket, rounds=1))
     _print_results(first)
     _naive(directory, parse_bytes(vram_limit))
-    console.rule(f"part 2: the same agents on a {squeeze} card: they take turns")
-    with DaemonProcess("--vram-limit", squeeze, *args) as daemon:
-        second = asyncio.run(_session(daemon.socket, rounds=2))
+    console.rule(f"part 2: a {squeeze} card, one sequence per model: agents take turns")
+    timeline = Timeline() if chart is not None else None
+    with DaemonProcess("--vram-limit", squeeze, "--max-seqs", "1", *args) as daemon:
+        second = asyncio.run(_session(daemon.socket, rounds=2, timeline=timeline))
     _print_results(second)
+    if chart is not None and timeline is not None:
+        draw(timeline, chart, f"lmxd demo, part 2: a {squeeze} card")
+        console.print(f"timeline drawn: {chart}")
