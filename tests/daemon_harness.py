@@ -12,16 +12,17 @@ from lmxd.spawn import DaemonProcess
 
 class Daemon(DaemonProcess):
     """A real daemon for a test: models unloaded at once (--keep-alive 0) unless told; with
-    ``http``, its HTTP front on a free loopback port (:attr:`http_url`)."""
+    ``http``, its HTTP front on a free loopback port (:attr:`http_url`), or on the HOST:PORT
+    ``http`` names."""
 
-    def __init__(self, *args: str, socket: Path | None = None, http: bool = False) -> None:
+    def __init__(self, *args: str, socket: Path | None = None, http: bool | str = False) -> None:
         super().__init__(
             "--keep-alive",
             "0",
             *args,
             socket_path=socket,
             timeout=60,
-            http="127.0.0.1:0" if http else "off",
+            http=http if isinstance(http, str) else "127.0.0.1:0" if http else "off",
         )
 
     def wire(self) -> Wire:
