@@ -9,16 +9,17 @@ objects: a DECODE comes back as a :class:`DecodeStream`, whose pieces and final
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmxd import __version__, catalog, protocol
+from lmxd import __version__, catalog, logs, protocol
 from lmxd.chat.messages import ChatMessage
 from lmxd.chat.template import Rendered
 from lmxd.chat.tools import ToolUse, with_tool_prompt
@@ -155,6 +156,19 @@ class Service:
         """Register ``agent``, owned by ``caller`` (a uid; None: the daemon's own user, as
         for the HTTP API, whose key is that user's); ``kept``: on disk, for a restart (the
         HTTP API's auto-agents are not)."""
+        with self._logged("REGISTER", agent=agent, model=model):
+            return await self._register(agent, model, n_ctx, sampling, system_prompt, caller, kept)
+
+    async def _register(
+        self,
+        agent: str,
+        model: str,
+        n_ctx: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        system_prompt: str | None = None,
+        caller: int | None = None,
+        kept: bool = True,
+    ) -> Registered:
         self._check_open()
         params = SamplingParams(**(sampling or {}))
         got = await self.scheduler.register(
@@ -172,11 +186,13 @@ class Service:
         )
 
     async def reset(self, agent: str, caller: int | None = None) -> None:
-        await self.scheduler.reset(agent, self.uid if caller is None else caller)
+        with self._logged("RESET", agent=agent):
+            await self.scheduler.reset(agent, self.uid if caller is None else caller)
         self._persist(agent)
 
     async def unregister(self, agent: str, caller: int | None = None) -> None:
-        await self.scheduler.unregister(agent, self.uid if caller is None else caller)
+        with self._logged("UNREGISTER", agent=agent):
+            await self.scheduler.unregister(agent, self.uid if caller is None else caller)
         self._forget(agent)
         if self.registry is not None:
             self.registry.remove(agent)
@@ -268,6 +284,10 @@ class Service:
 
     def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
+        with self._logged("DECODE", agent=request.agent):
+            return self._decode(request, caller)
+
+    def _decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         self._check_open()
         self.scheduler.owned(request.agent, self.uid if caller is None else caller)
         job = self.scheduler.submit(request)
@@ -280,6 +300,10 @@ class Service:
     async def exchange(self, ex: Exchange) -> DecodeStream:
         """Serve a whole-conversation request with the agent it names, or one of its model's
         auto-agents; what that agent's KV holds of the conversation is not prefilled again."""
+        with self._logged("HTTP", model=ex.model, agent=ex.agent):
+            return await self._exchange(ex)
+
+    async def _exchange(self, ex: Exchange) -> DecodeStream:
         self._check_open()
         agents = self.scheduler.agents
         if ex.agent is not None and ex.agent not in agents:
@@ -342,7 +366,7 @@ class Service:
             grammar=ex.grammar,
             top_logprobs=ex.top_logprobs,
         )
-        return self.decode(request)
+        return self._decode(request)
 
     async def _register_named(self, ex: Exchange) -> None:
         """Register the agent the X-Lmxd-Agent header names for the first time, on the model
@@ -362,7 +386,7 @@ class Service:
                     "(--auto-agents), all busy or named: reuse a name, or wait for one to expire",
                     max_agents=self.limits.auto_agents,
                 )
-            await self.register(ex.agent, model, kept=False)
+            await self._register(ex.agent, model, kept=False)
             self.auto.adopt_named(path, ex.agent)
 
     async def _evict(self, path: str) -> bool:
@@ -377,7 +401,7 @@ class Service:
 
     async def _new_auto(self, model: str, path: str) -> str:
         agent_id = self.auto.new_id(model)
-        await self.register(agent_id, model, kept=False)
+        await self._register(agent_id, model, kept=False)
         self.auto.adopt(path, agent_id)
         log.info("auto-agent agent=%s model=%s", agent_id, model)
         return agent_id
@@ -407,13 +431,26 @@ class Service:
         if self.stopping:
             raise ShuttingDown("the daemon is stopping")
 
+    @contextlib.contextmanager
+    def _logged(self, op: str, **facts: object) -> Iterator[None]:
+        """One log line for an operation a client asked for that failed (lmxd.logs.failed):
+        the public operations log, the private ones they share do not, so that a refusal
+        is logged once whichever front asked."""
+        try:
+            yield
+        except LmxdError as exc:
+            logs.failed(log, op, exc, **facts)
+            raise
+
     def shutdown(self, peer_uid: int) -> None:
-        if peer_uid != self.uid:
-            raise Forbidden(
-                "only the daemon's own user may shut it down",
-                peer_uid=peer_uid,
-                daemon_uid=self.uid,
-            )
+        with self._logged("SHUTDOWN", uid=peer_uid):
+            if peer_uid != self.uid:
+                raise Forbidden(
+                    "only the daemon's own user may shut it down",
+                    peer_uid=peer_uid,
+                    daemon_uid=self.uid,
+                )
+        log.info("shutdown asked uid=%d", peer_uid)
         # The caller answers first: the daemon stops once this reply is on its way.
         asyncio.get_running_loop().call_soon(self.on_stop)
 
