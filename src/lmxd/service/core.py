@@ -15,14 +15,16 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmxd import __version__, catalog, logs, protocol
 from lmxd.chat.messages import ChatMessage
 from lmxd.chat.template import Rendered
 from lmxd.chat.tools import ToolUse, with_tool_prompt
+from lmxd.config import DeclaredAgent
 from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import (
     Busy,
@@ -42,6 +44,7 @@ from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Sc
 from lmxd.scheduler.devices import Device
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
+from lmxd.service.declared import Declared, register_declared
 from lmxd.service.views import AgentView, LoadedModel, Registered
 
 log = logging.getLogger("lmxd.service")
@@ -131,6 +134,7 @@ class Service:
         self.restored = 0  # agents registered again from the registry at the start
         self.from_disk = 0  # of those, agents whose KV state came back from its file
         self.not_restored = 0  # agent files found whose agent could not be registered
+        self.declared = Declared()  # the config file's agents (declare_agents)
         self.started = time.monotonic()
         self.started_at = time.time()
         self.http_url: str | None = None  # set once the HTTP front listens
@@ -245,6 +249,11 @@ class Service:
         disk = self.scheduler.room.disk
         if disk is not None:
             disk.remove_unclaimed()
+
+    async def declare_agents(self, agents: Sequence[DeclaredAgent], file: Path | None) -> None:
+        """Register the config file's agents that are not registered yet (at the start, after
+        :meth:`restore_agents`): lmxd.service.declared."""
+        self.declared = await register_declared(self, agents, file)
 
     async def keep_states(self) -> None:
         """At a clean stop, before anything is freed: every idle agent's KV to its state file
@@ -505,6 +514,7 @@ class Service:
                 "errors": 0 if self.registry is None else self.registry.errors,
                 "last_error": None if self.registry is None else self.registry.last_error,
             },
+            "config": self.declared.status(),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
