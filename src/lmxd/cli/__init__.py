@@ -38,7 +38,7 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lmxd.cli import agents, daemon, demo, models  # noqa: F401  (each adds verbs to `main`)
+    from lmxd.cli import agents, daemon, demo, models, service  # noqa: F401  (each adds verbs)
 
 
 _register()
