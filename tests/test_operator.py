@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,14 @@ def test_log_level_warning_keeps_the_refusals_only() -> None:
     assert " WARNING refused op=REGISTER agent=a model=smollm2-135m code=VRAM_LEDGER_DENY" in log
     assert "cap_bytes=94371840 reserved_bytes=0 requested_bytes=" in log
     assert " INFO " not in log
+
+
+def test_a_json_log_stays_json_when_the_start_fails(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "lmxd.cli", "serve", "--config", "none", "--log-format", "json"]
+    cmd += ["--socket", str(tmp_path / "d.sock"), "--park-dir", "off", "--http", "0.0.0.0:0"]
+    env = {k: v for k, v in os.environ.items() if k != "LMXD_API_KEY"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2
+    (line,) = [json.loads(text) for text in done.stderr.splitlines()]
+    assert line["level"] == "error" and line["code"] == "INVALID_INPUT"
+    assert line["message"].startswith("not started code=INVALID_INPUT host=0.0.0.0: refusing")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from lmxd.cli import main
 from lmxd.cli.checks import OFF, group_id
 from lmxd.cli.options import serve_options
 from lmxd.cli.settings import Settings, resolve, show
+from lmxd.errors import LmxdError
 from lmxd.fronts.http import HttpConfig, parse_address
 from lmxd.units import parse_bytes
 
@@ -30,7 +32,15 @@ def serve(ctx: click.Context, /, **_: object) -> None:
 
     settings = resolve(ctx)
     logs.configure(_level(ctx, settings["log_level"]), settings["log_format"])
-    run_daemon(daemon_config(settings))
+    try:
+        run_daemon(daemon_config(settings))
+    except LmxdError as exc:  # at the start: a live daemon on the socket, an exposed API...
+        if settings["log_format"] != "json":
+            raise  # lmxd.cli.LmxdGroup: one line, exit status 2
+        # A log of JSON lines stays one, to its last line.
+        facts = logs.pairs({"code": exc.code, **exc.details})
+        logging.getLogger("lmxd.daemon").error("not started %s: %s", facts, exc.message)
+        sys.exit(2)
 
 
 @main.command(name="config")
