@@ -66,6 +66,11 @@ def test_declared_agents_are_registered_and_come_back_after_a_restart(tmp_path: 
         assert status["file"] == str(config)
         assert (status["declared"], status["registered"], status["kept"]) == (2, 1, 0)
         assert [(f["agent"], f["code"]) for f in status["failed"]] == [("ghost", "UNKNOWN_MODEL")]
+        cmd = [sys.executable, "-m", "lmxd.cli", "status", "--socket", str(d.socket)]
+        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        shown = " ".join(shown.split())  # rich wraps long lines
+        assert "2 agents declared, 1 registered at the start, 0 there already, 1 not" in shown
+        assert "ghost: [UNKNOWN_MODEL] unknown model 'gpt-5'" in shown
         turn = [{"role": "user", "content": "Write a function that adds two numbers."}]
         w.ok("DECODE", agent="coder", messages=turn, max_tokens=8)
         tokens = _agents(d)["coder"]["tokens"]
