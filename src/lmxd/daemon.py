@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmxd.config import DeclaredAgent
 from lmxd.engine.runtime import Engine
 from lmxd.engine.worker import LlamaWorker
 from lmxd.errors import DaemonRunning, InvalidInput
@@ -73,6 +74,9 @@ class DaemonConfig:
     stream_timeout_s: float = 30.0
     # Agents (lmxd.registry) and parked state past the budget (lmxd.kvdisk); None: neither.
     park_dir: Path | None = None
+    # The config file's [[agent]] tables, registered at the start (lmxd.service.declared).
+    agents: tuple[DeclaredAgent, ...] = ()
+    config_file: Path | None = None  # the config file read, for the log and STATUS
 
 
 def claim_socket(path: Path) -> None:
@@ -193,6 +197,7 @@ async def run(config: DaemonConfig) -> None:
     scheduler = service.scheduler
     backend = scheduler.room.config.backend
     await service.restore_agents()  # the agents of the last run, before any client comes
+    await service.declare_agents(config.agents, config.config_file)  # those not back
     http = HttpFront(service, config.http) if config.http is not None else None
     if http is not None:
         service.http_url = await http.start()
@@ -213,9 +218,10 @@ async def run(config: DaemonConfig) -> None:
         asyncio.create_task(_expire_auto_agents(service)),
     ]
     log.info(
-        "lmxd listening on %s and %s; backend %s; %s",
+        "lmxd listening on %s and %s; config file %s; backend %s; %s",
         config.socket,
         service.http_url or "no HTTP",
+        config.config_file or "none",
         backend.value,
         "; ".join(
             f"device {d.index} {d.info.name} ({d.info.kind}, {format_bytes(d.info.total)} total)"

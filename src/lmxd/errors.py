@@ -6,6 +6,7 @@ Every failure a caller can act on is one of these types, and each carries a stab
     LmxdError
     ├── InvalidInput            bad input from a user or client        (code: INVALID_INPUT)
     │   ├── BudgetParseError    "8GB" parses, "eight" does not         (code: BAD_BUDGET)
+    │   ├── ConfigError         a config file lmxd serve cannot take   (code: BAD_CONFIG)
     │   ├── ContextSizeError    n_ctx <= 0 or above the training ctx   (code: BAD_N_CTX)
     │   ├── UnknownModel        no catalog entry or file by that name  (code: UNKNOWN_MODEL)
     │   ├── PromptTooLong       more tokens than the agent's n_ctx     (code: PROMPT_TOO_LONG)
@@ -68,6 +69,12 @@ class InvalidInput(LmxdError):
 
 class BudgetParseError(InvalidInput):
     code = "BAD_BUDGET"
+
+
+class ConfigError(InvalidInput):
+    """The config file of ``lmxd serve``: unreadable, not TOML, an unknown key, a bad value."""
+
+    code = "BAD_CONFIG"
 
 
 class ContextSizeError(InvalidInput):

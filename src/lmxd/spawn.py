@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmxd.config import NO_FILE
 from lmxd.errors import DaemonFailed
 
 
@@ -39,6 +40,8 @@ class DaemonProcess:
             http,
             # Its agents on disk in its own directory, not the user's (unless told).
             *([] if "--park-dir" in args else ["--park-dir", str(self.dir / "state")]),
+            # Only the options given here: not the user's config file (unless told).
+            *([] if "--config" in args else ["--config", NO_FILE]),
             *args,
         ]
         self._log = self.log_path.open("wb")

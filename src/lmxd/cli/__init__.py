@@ -7,6 +7,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from lmxd.errors import LmxdError
 
@@ -22,7 +23,9 @@ class LmxdGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LmxdError as exc:
-            err_console.print(f"[bold red]error[/] [{exc.code}] {exc.message}", markup=True)
+            # Escaped: a message may hold brackets of its own ("[[agent]] #2").
+            message = escape(f"[{exc.code}] {exc.message}")
+            err_console.print(f"[bold red]error[/] {message}", markup=True)
             sys.exit(2)
 
 
@@ -35,7 +38,7 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from lmxd.cli import agents, daemon, demo, models, top  # noqa: F401  (each adds verbs)
+    from lmxd.cli import agents, daemon, demo, models, service, top  # noqa: F401  (add verbs)
 
 
 _register()

@@ -225,6 +225,19 @@ def status(as_json: bool, socket_path: Path | None) -> None:
         f"agents: {got.get('agents', '?')} · queue: {queue.get('depth', '?')} of "
         f"{queue.get('max', '?')} · up {got.get('uptime_s', '?')} s"
     )
+    config = got.get("config") or {}
+    if config.get("declared"):
+        console.print(
+            f"config file {config.get('file')}: {config['declared']} agents declared, "
+            f"{config.get('registered')} registered at the start, {config.get('kept')} there "
+            f"already, {len(config.get('failed', []))} not registered",
+            markup=False,
+        )
+    for failed in config.get("failed", []):
+        console.print(
+            f"  {failed.get('agent')}: [{failed.get('code')}] {failed.get('message')}",
+            markup=False,
+        )
 
 
 def _ago(when: float | None) -> str:

@@ -4,7 +4,8 @@ A coder and a reviewer on SmolLM2-135M-Instruct and a documentation writer on Ge
 concurrently through one daemon whose ledger behaves like an 8 GB card; each agent's output
 streams in its own labelled lines. Then the same three agents hold two rounds of conversation
 on a card squeezed to 560 MiB, with one sequence per model (``--max-seqs 1``): the coder and
-the reviewer take turns on SmolLM2's, and the daemon parks and restores them as they do. Beside it: what three separate llama.cpp processes at the article's n_ctx would reserve.
+the reviewer take turns on SmolLM2's, and the daemon parks and restores them as they do.
+Beside it: what three separate llama.cpp processes at the article's n_ctx would reserve.
 With ``--chart PATH``, the second part's timeline (memory over time, each agent's states, its
 parks and restores) is drawn to PATH (lmxd.cli.timeline).
 """

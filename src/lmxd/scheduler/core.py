@@ -247,6 +247,7 @@ class Scheduler:
             await self.room.drop(agent)
             agent.tokens, agent.history, agent.text = [], [], None
             self._wake.set()  # what it held may be what another job waits for
+            log.info("reset agent=%s model=%s", agent.id, agent.slot.key)
 
     async def unregister(self, agent_id: str, caller: int) -> None:
         async with self._lock:

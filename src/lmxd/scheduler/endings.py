@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from lmxd import logs
 from lmxd.chat.messages import ChatMessage
 from lmxd.engine.worker import Worker
 from lmxd.errors import LmxdError
@@ -87,7 +88,7 @@ class Endings:
         self.pending.clear()
 
     def fail(self, agent: Agent, job: Job, exc: LmxdError) -> None:
-        log.info("job failed agent=%s code=%s %s", agent.id, exc.code, exc.message)
+        logs.failed(log, "DECODE", exc, agent=agent.id)
         agent.text = None  # its tokens may have changed: tokenize the next prompt afresh
         job.fail(exc)
         ctx, seq = agent.slot.context, agent.seq

@@ -9,19 +9,22 @@ objects: a DECODE comes back as a :class:`DecodeStream`, whose pieces and final
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from lmxd import __version__, catalog, protocol
+from lmxd import __version__, catalog, logs, protocol
 from lmxd.chat.messages import ChatMessage
 from lmxd.chat.template import Rendered
 from lmxd.chat.tools import ToolUse, with_tool_prompt
+from lmxd.config import DeclaredAgent
 from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import (
     Busy,
@@ -43,6 +46,7 @@ from lmxd.scheduler import Activity, Agent, Conversation, DecodeRequest, Job, Sc
 from lmxd.scheduler.devices import Device
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
+from lmxd.service.declared import Declared, register_declared
 from lmxd.service.views import AgentView, LoadedModel, Refusal, Registered
 
 log = logging.getLogger("lmxd.service")
@@ -135,6 +139,7 @@ class Service:
         self.restored = 0  # agents registered again from the registry at the start
         self.from_disk = 0  # of those, agents whose KV state came back from its file
         self.not_restored = 0  # agent files found whose agent could not be registered
+        self.declared = Declared()  # the config file's agents (declare_agents)
         self.started = time.monotonic()
         self.started_at = time.time()
         self.http_url: str | None = None  # set once the HTTP front listens
@@ -161,20 +166,29 @@ class Service:
         """Register ``agent``, owned by ``caller`` (a uid; None: the daemon's own user, as
         for the HTTP API, whose key is that user's); ``kept``: on disk, for a restart (the
         HTTP API's auto-agents are not)."""
+        with self._logged("REGISTER", agent=agent, model=model):
+            return await self._register(agent, model, n_ctx, sampling, system_prompt, caller, kept)
+
+    async def _register(
+        self,
+        agent: str,
+        model: str,
+        n_ctx: int | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        system_prompt: str | None = None,
+        caller: int | None = None,
+        kept: bool = True,
+    ) -> Registered:
         self._check_open()
         params = SamplingParams(**(sampling or {}))
-        try:
-            got = await self.scheduler.register(
-                agent,
-                model,
-                n_ctx or self.limits.default_n_ctx,
-                params,
-                system_prompt,
-                self.uid if caller is None else caller,
-            )
-        except LmxdError as exc:
-            self._refused("REGISTER", agent, exc)
-            raise
+        got = await self.scheduler.register(
+            agent,
+            model,
+            n_ctx or self.limits.default_n_ctx,
+            params,
+            system_prompt,
+            self.uid if caller is None else caller,
+        )
         if kept:
             self._persist(agent)
         return Registered(
@@ -182,11 +196,13 @@ class Service:
         )
 
     async def reset(self, agent: str, caller: int | None = None) -> None:
-        await self.scheduler.reset(agent, self.uid if caller is None else caller)
+        with self._logged("RESET", agent=agent):
+            await self.scheduler.reset(agent, self.uid if caller is None else caller)
         self._persist(agent)
 
     async def unregister(self, agent: str, caller: int | None = None) -> None:
-        await self.scheduler.unregister(agent, self.uid if caller is None else caller)
+        with self._logged("UNREGISTER", agent=agent):
+            await self.scheduler.unregister(agent, self.uid if caller is None else caller)
         self._forget(agent)
         if self.registry is not None:
             self.registry.remove(agent)
@@ -240,6 +256,11 @@ class Service:
         if disk is not None:
             disk.remove_unclaimed()
 
+    async def declare_agents(self, agents: Sequence[DeclaredAgent], file: Path | None) -> None:
+        """Register the config file's agents that are not registered yet (at the start, after
+        :meth:`restore_agents`): lmxd.service.declared."""
+        self.declared = await register_declared(self, agents, file)
+
     async def keep_states(self) -> None:
         """At a clean stop, before anything is freed: every idle agent's KV to its state file
         (the HTTP API's auto-agents, which are not kept, aside)."""
@@ -278,13 +299,13 @@ class Service:
 
     def decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         """Queue a DECODE of a registered agent (raises UNKNOWN_AGENT, FORBIDDEN, BUSY...)."""
+        with self._logged("DECODE", agent=request.agent):
+            return self._decode(request, caller)
+
+    def _decode(self, request: DecodeRequest, caller: int | None = None) -> DecodeStream:
         self._check_open()
         self.scheduler.owned(request.agent, self.uid if caller is None else caller)
-        try:
-            job = self.scheduler.submit(request)
-        except LmxdError as exc:
-            self._refused("DECODE", request.agent, exc)
-            raise
+        job = self.scheduler.submit(request)
         job.done.add_done_callback(lambda done: self._count(job, done))
         job.done.add_done_callback(lambda _: self._persist(request.agent))
         return DecodeStream(self.scheduler, job)
@@ -294,6 +315,10 @@ class Service:
     async def exchange(self, ex: Exchange) -> DecodeStream:
         """Serve a whole-conversation request with the agent it names, or one of its model's
         auto-agents; what that agent's KV holds of the conversation is not prefilled again."""
+        with self._logged("HTTP", model=ex.model, agent=ex.agent):
+            return await self._exchange(ex)
+
+    async def _exchange(self, ex: Exchange) -> DecodeStream:
         self._check_open()
         agents = self.scheduler.agents
         if ex.agent is not None and ex.agent not in agents:
@@ -356,7 +381,7 @@ class Service:
             grammar=ex.grammar,
             top_logprobs=ex.top_logprobs,
         )
-        return self.decode(request)
+        return self._decode(request)
 
     async def _register_named(self, ex: Exchange) -> None:
         """Register the agent the X-Lmxd-Agent header names for the first time, on the model
@@ -376,7 +401,7 @@ class Service:
                     "(--auto-agents), all busy or named: reuse a name, or wait for one to expire",
                     max_agents=self.limits.auto_agents,
                 )
-            await self.register(ex.agent, model, kept=False)
+            await self._register(ex.agent, model, kept=False)
             self.auto.adopt_named(path, ex.agent)
 
     async def _evict(self, path: str) -> bool:
@@ -391,7 +416,7 @@ class Service:
 
     async def _new_auto(self, model: str, path: str) -> str:
         agent_id = self.auto.new_id(model)
-        await self.register(agent_id, model, kept=False)
+        await self._register(agent_id, model, kept=False)
         self.auto.adopt(path, agent_id)
         log.info("auto-agent agent=%s model=%s", agent_id, model)
         return agent_id
@@ -421,13 +446,27 @@ class Service:
         if self.stopping:
             raise ShuttingDown("the daemon is stopping")
 
+    @contextlib.contextmanager
+    def _logged(self, op: str, **facts: object) -> Iterator[None]:
+        """One log line for an operation a client asked for that failed (lmxd.logs.failed),
+        and a refusal kept for STATUS: the public operations log, the private ones they
+        share do not, so that a refusal is logged and kept once whichever front asked."""
+        try:
+            yield
+        except LmxdError as exc:
+            logs.failed(log, op, exc, **facts)
+            self._refused(op, str(facts.get("agent") or facts.get("model") or ""), exc)
+            raise
+
     def shutdown(self, peer_uid: int) -> None:
-        if peer_uid != self.uid:
-            raise Forbidden(
-                "only the daemon's own user may shut it down",
-                peer_uid=peer_uid,
-                daemon_uid=self.uid,
-            )
+        with self._logged("SHUTDOWN", uid=peer_uid):
+            if peer_uid != self.uid:
+                raise Forbidden(
+                    "only the daemon's own user may shut it down",
+                    peer_uid=peer_uid,
+                    daemon_uid=self.uid,
+                )
+        log.info("shutdown asked uid=%d", peer_uid)
         # The caller answers first: the daemon stops once this reply is on its way.
         asyncio.get_running_loop().call_soon(self.on_stop)
 
@@ -483,6 +522,7 @@ class Service:
                 "errors": 0 if self.registry is None else self.registry.errors,
                 "last_error": None if self.registry is None else self.registry.last_error,
             },
+            "config": self.declared.status(),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 

@@ -53,8 +53,8 @@ class Refusal(msgspec.Struct, frozen=True):
     """A request refused for lack of room or of queue (STATUS ``refusals``)."""
 
     time: float  # Unix time
-    op: str  # REGISTER or DECODE
-    agent: str
+    op: str  # REGISTER, DECODE or HTTP
+    agent: str  # or, for an HTTP request that names only a model, the model
     code: str  # VRAM_LEDGER_DENY, PARK_BUDGET_EXCEEDED or BUSY
     message: str
     details: dict[str, Any]  # the error's numbers
