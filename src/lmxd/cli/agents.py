@@ -240,16 +240,25 @@ def status(as_json: bool, socket_path: Path | None) -> None:
         )
 
 
-def _ago(when: float | None) -> str:
-    return "never" if when is None else f"{max(0.0, time.time() - when):.0f} s ago"
+def ago(when: float | None) -> str:
+    """How long ago a Unix time was, in the unit that reads best."""
+    if when is None:
+        return "never"
+    seconds = max(0.0, time.time() - when)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
-def _table(title: str, columns: dict[str, str]) -> Table:
-    """A table whose columns are right-aligned where ``columns`` says "r"."""
-    table = Table(title=title)
+def table(title: str, columns: dict[str, str], no_wrap: bool = False) -> Table:
+    """A table whose columns are right-aligned where ``columns`` says "r"; ``no_wrap``: each
+    row on one line (a cell too wide is cut short)."""
+    made = Table(title=title)
     for name, align in columns.items():
-        table.add_column(name, justify="right" if align == "r" else "left")
-    return table
+        made.add_column(name, justify="right" if align == "r" else "left", no_wrap=no_wrap)
+    return made
 
 
 @main.command(name="list")
@@ -263,7 +272,7 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
         _echo_json(agents)
         return
     title = f"{len(agents)} agent{'' if len(agents) == 1 else 's'}"
-    table = _table(
+    shown = table(
         title,
         {
             "agent": "l",
@@ -278,12 +287,12 @@ def list_agents(as_json: bool, socket_path: Path | None) -> None:
     )
     for a in agents:
         name = f"{a.get('agent')}{' (auto)' if a.get('auto') else ''}"  # made by the HTTP API
-        table.add_row(
+        shown.add_row(
             name,
             *(str(a.get(k)) for k in ("model", "device", "state", "n_ctx", "tokens", "kv_tokens")),
-            _ago(a.get("last_used")),
+            ago(a.get("last_used")),
         )
-    console.print(table)
+    console.print(shown)
 
 
 @main.command()
@@ -302,7 +311,7 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
             models = client.models()
     except DaemonUnavailable:
         return None
-    table = _table(
+    shown = table(
         f"models loaded by the daemon at {client.path}",
         {
             "model": "l",
@@ -315,7 +324,7 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
     )
     for m in models:
         cells = f"{m.get('used_cells', '?')} of {m.get('pool_cells', '?')}"
-        table.add_row(
+        shown.add_row(
             str(m.get("model")),
             str(m.get("refcount")),
             _bytes(m.get("weights_bytes")),
@@ -323,4 +332,4 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
             cells,
             str(m.get("path")),
         )
-    return table
+    return shown

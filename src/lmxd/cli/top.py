@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmxd.cli import main
-from lmxd.cli.agents import socket_option
+from lmxd.cli.agents import ago, socket_option, table
 from lmxd.client import Client
 from lmxd.errors import DaemonUnavailable
 from lmxd.units import format_bytes
@@ -73,15 +73,6 @@ def _tps(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def _ago(when: float) -> str:
-    seconds = max(0.0, time.time() - when)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.0f} h ago"
-
-
 def _device(entry: dict[str, Any]) -> RenderableType:
     """One device: its name, a bar of its ledger's parts against the cap, and the figures."""
     device, ledger = entry["device"], entry["ledger"]
@@ -113,20 +104,22 @@ def _device(entry: dict[str, Any]) -> RenderableType:
 
 
 def _models(now: Reading, before: Reading | None) -> Table:
-    table = Table(title="models", title_justify="left", expand=False)
-    for name, justify in (
-        ("model", "left"),
-        ("dev", "right"),
-        ("agents", "right"),
-        ("resident", "right"),
-        ("tok/s", "right"),
-        ("weights", "right"),
-        ("keep-alive", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    shown = table(
+        "models",
+        {
+            "model": "l",
+            "dev": "r",
+            "agents": "r",
+            "resident": "r",
+            "tok/s": "r",
+            "weights": "r",
+            "keep-alive": "r",
+        },
+        no_wrap=True,
+    )
     for m in now.models:
         left = m["unload_in_s"]
-        table.add_row(
+        shown.add_row(
             m["model"],
             str(m["device"]),
             str(m["refcount"]),
@@ -135,34 +128,36 @@ def _models(now: Reading, before: Reading | None) -> Table:
             format_bytes(m["weights_bytes"]),
             "-" if left is None else f"{left:.0f} s left",
         )
-    return table
+    return shown
 
 
 def _agents(now: Reading, before: Reading | None) -> Table:
-    table = Table(title="agents", title_justify="left", expand=False)
-    for name, justify in (
-        ("agent", "left"),
-        ("state", "left"),
-        ("in KV", "right"),
-        ("n_ctx", "right"),
-        ("last active", "right"),
-        ("tok/s", "right"),
-        ("parks", "right"),
-        ("restores", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    shown = table(
+        "agents",
+        {
+            "agent": "l",
+            "state": "l",
+            "in KV": "r",
+            "n_ctx": "r",
+            "last active": "r",
+            "tok/s": "r",
+            "parks": "r",
+            "restores": "r",
+        },
+        no_wrap=True,
+    )
     for a in sorted(now.agents, key=lambda a: a["agent"]):
-        table.add_row(
+        shown.add_row(
             a["agent"],
             a["state"],
             str(a["kv_tokens"]),
             str(a["n_ctx"]),
-            _ago(a["last_used"]),
+            ago(a["last_used"]),
             _tps(_rate(now, before, "agents", "agent", a["agent"])),
             str(a["parks"]),
             str(a["restores"]),
         )
-    return table
+    return shown
 
 
 def _numbers(details: dict[str, Any]) -> str:
@@ -194,7 +189,7 @@ def frame(now: Reading, before: Reading | None, where: Path | str) -> Renderable
         refusals.append("none")
     for r in reversed(status["refusals"][-5:]):
         refusals.append(
-            f"\n  {_ago(r['time'])} {r['op']} {r['agent']} {r['code']}: {_numbers(r['details'])}"
+            f"\n  {ago(r['time'])} {r['op']} {r['agent']} {r['code']}: {_numbers(r['details'])}"
         )
     parts.append(refusals)
     parts.append(Text("q quits", style="dim"))

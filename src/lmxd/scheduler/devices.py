@@ -63,23 +63,14 @@ def _refusal(refused: list[tuple[Device, Denial]]) -> LedgerDenied:
         f"{format_bytes(denial.cap)} cap"
         for device, denial in refused
     )
+    per_device = [
+        {"device": device.index}
+        | {k: v for k, v in denial.error().details.items() if k.endswith("_bytes")}
+        for device, denial in refused
+    ]
     return LedgerDenied(
         f"VRAM ledger denies {' + '.join(best.owners)} on every device: needs "
         f"{format_bytes(best.requested)}; {detail}",
-        reason="CAP",
-        cap_bytes=best.cap,
-        reserved_bytes=best.reserved,
-        requested_bytes=best.requested,
-        reclaimable_bytes=best.reclaimable,
-        parts=dict(best.parts),
-        devices=[
-            {
-                "device": device.index,
-                "cap_bytes": denial.cap,
-                "reserved_bytes": denial.reserved,
-                "requested_bytes": denial.requested,
-                "reclaimable_bytes": denial.reclaimable,
-            }
-            for device, denial in refused
-        ],
+        **best.error().details,
+        devices=per_device,
     )
