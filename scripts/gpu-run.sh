@@ -12,7 +12,8 @@
 # 5, where a step's host time goes (scripts/profile_step.py); 6, the same through the daemon
 # (scripts/profile_daemon.py, under py-spy when its wheel is carried); 7, the gpu tests alone
 # (their output kept: the cap sweep prints its figures); 8, on two GPUs, `lmxd bench devices`
-# and the gpu tests; 0, the CUDA build packed
+# and the gpu tests; 9, on two GPUs, scripts/profile_devices.py without py-spy for each
+# DEVICES@THREADS of $RUNS; 0, the CUDA build packed
 # into $OUT, to be carried next time as .device-carry/llama-cuda.tar.xz (a machine that has
 # it skips the build). Each part's results land in
 # $OUT as a tarball as soon as it ends.
@@ -69,6 +70,9 @@ for part in "$@"; do
   8)  # two GPUs (nvidia-h200-x2): placement, one GPU against two, then the gpu tests there
     lmxd bench devices --out "$out" 2>&1 | tee "$out/devices.txt"
     python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
+    ;;
+  9)  # two GPUs: the devices profile without py-spy, for each DEVICES@THREADS in $RUNS
+    NO_SPY=1 python3 scripts/profile_devices.py "$out" $RUNS 2>&1 | tee "$out/threads.txt"
     ;;
   0)  # the CUDA build for .device-carry/llama-cuda.tar.xz (cat the parts): pip copied each
       # library's symlinks as files, three copies of 43 MB; links again, it packs to 22 MB

@@ -1,17 +1,18 @@
 """Where two GPUs' time goes: the devices benchmark's agents, with py-spy on the daemon.
 
-    python scripts/profile_devices.py OUT_DIR DEVICES...     (e.g. 0 0,1)
+    python scripts/profile_devices.py OUT_DIR DEVICES[@THREADS]...     (e.g. 0 0,1 0,1@4)
 
-For each ``--devices`` value: a daemon with 32 agents on each of two Llama-3.2-1B-shape models
+For each ``--devices`` value (with ``--threads THREADS`` after an @): a daemon with 32 agents on each of two Llama-3.2-1B-shape models
 (the synthetic one and a copy, as `lmxd bench devices` has them), a greedy run of 256 tokens
-each (the benchmark's), then one of 1,024 tokens sampled by py-spy (every thread, idle ones
-too, without pausing the daemon) into OUT_DIR/spy-DEVICES.txt as collapsed stacks. Prints
-each run's aggregate tokens/s.
+each (the benchmark's), then (unless $NO_SPY is set) one of 1,024 tokens sampled by py-spy
+(every thread, idle ones too, without pausing the daemon) into OUT_DIR/spy-DEVICES.txt as
+collapsed stacks. Prints each run's aggregate tokens/s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -57,11 +58,18 @@ def main() -> None:
     if not twin.is_file():
         shutil.copyfile(catalog.resolve_model(MODEL, directory), twin)
     models = [MODEL] * AGENTS + [TWIN] * AGENTS
-    for devices in sys.argv[2:]:
+    for run in sys.argv[2:]:
+        devices, _, threads = run.partition("@")
         args = ("--keep-alive", "0", "--max-seqs", str(AGENTS), "--devices", devices)
-        with DaemonProcess(*args) as daemon:
+        with DaemonProcess(*args, *(("--threads", threads) if threads else ())) as daemon:
             rate = asyncio.run(greedy(daemon.socket, models, 256, register=True))
-            print(f"--devices {devices}: 256 tokens each, {rate:,.0f} tok/s", flush=True)
+            print(
+                f"--devices {devices} --threads {threads or 'default'}: 256 tokens each, "
+                f"{rate:,.0f} tok/s",
+                flush=True,
+            )
+            if os.environ.get("NO_SPY"):
+                continue
             name = out / f"spy-{devices.replace(',', '-')}.txt"
             record = ["py-spy", "record", "--pid", str(daemon.pid), "--idle", "--threads"]
             spy = subprocess.Popen(
