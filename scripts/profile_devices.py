@@ -2,11 +2,11 @@
 
     python scripts/profile_devices.py OUT_DIR DEVICES[@THREADS]...     (e.g. 0 0,1 0,1@4)
 
-For each ``--devices`` value (with ``--threads THREADS`` after an @): a daemon with 32 agents on each of two Llama-3.2-1B-shape models
-(the synthetic one and a copy, as `lmxd bench devices` has them), a greedy run of 256 tokens
-each (the benchmark's), then (unless $NO_SPY is set) one of 1,024 tokens sampled by py-spy
-(every thread, idle ones too, without pausing the daemon) into OUT_DIR/spy-DEVICES.txt as
-collapsed stacks. Prints each run's aggregate tokens/s.
+For each ``--devices`` value (with ``--threads THREADS`` after an @): a daemon with 32 agents
+on each of two Llama-3.2-1B-shape models (the synthetic one and a copy, as `lmxd bench devices`
+has them), a greedy run of 256 tokens each (the benchmark's), then (unless $NO_SPY is set) one
+of 1,024 tokens sampled by py-spy (every thread, idle ones too, without pausing the daemon)
+into OUT_DIR/spy-DEVICES.txt as collapsed stacks. Prints each run's aggregate tokens/s.
 """
 
 from __future__ import annotations
