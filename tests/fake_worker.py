@@ -33,6 +33,7 @@ class FakeModel:
     eos_text: str = ""
     device_weight_bytes: int = 0
     device: int = 0
+    n_gpu_layers: int = -1
 
 
 @dataclass
@@ -65,9 +66,9 @@ class FakeWorker:
         self.fail_saves = False  # every copy out raises, as a failed one would
         self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
 
-    async def load(self, path: Path, device: int) -> ModelHandle:
+    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
         self.log.append(("load", path.stem))
-        return FakeModel(read_model_info(path), device=device)
+        return FakeModel(read_model_info(path), device=device, n_gpu_layers=n_gpu_layers)
 
     async def unload(self, model: ModelHandle) -> None:
         self.log.append(("unload", model.info.path.stem))

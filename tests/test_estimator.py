@@ -72,6 +72,34 @@ def test_partial_offload_splits_weights(smollm2: Path) -> None:
     assert est.overhead > 0 and est.total == est.weights + est.kv + est.compute + est.overhead
 
 
+def test_every_split_accounts_for_every_byte_once(smollm2: Path, gemma3: Path) -> None:
+    """Each layer's weights and KV are on the device or in host RAM, never both nor neither;
+    the device's share grows with every layer offloaded; the host compute buffer (and the
+    device's copy of one host block, with op_offload) exist only while layers stay home."""
+    for path in (smollm2, gemma3):
+        info = read_model_info(path)
+        everything, _ = weight_bytes(info, Backend.CPU)
+        cpu_kv = estimate(info, 2048, 2).kv
+        previous = -1
+        for k in range(info.n_layer + 2):
+            est = estimate(info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=k)
+            assert est.n_gpu_layers == k
+            assert est.kv + est.kv_host == cpu_kv
+            if k <= info.n_layer:
+                assert est.weights + est.weights_host == everything
+                assert est.compute_host > 0
+                staged = estimate(
+                    info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=k, op_offload=False
+                )
+                assert staged.compute < est.compute
+            else:
+                assert est.compute_host == 0 and est.kv_host == 0
+            assert est.weights > previous
+            previous = est.weights
+            assert est.context_host == est.kv_host + est.compute_host + est.output
+        assert estimate(info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=0).kv == 0
+
+
 @pytest.mark.parametrize("n_ctx", [0, -1, 8193, 10**9])
 def test_bad_n_ctx(smollm2: Path, n_ctx: int) -> None:
     with pytest.raises(ContextSizeError) as exc:

@@ -56,6 +56,9 @@ def run(
     park_after_decode: bool = False,
     unaccounted: int | None = None,  # a device that holds this much beyond the ledger
     disk: Path | None = None,  # state files for spills (lmxd.kvdisk)
+    backend: Backend = Backend.CPU,  # CUDA: layers may be placed partially on a device
+    host_cap: int | None = None,  # the host-RAM ledger's cap (CUDA)
+    partial: bool = True,
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
@@ -71,8 +74,9 @@ def run(
             worker,
             devices,
             KvStore(park_budget),
-            ResidencyConfig(Backend.CPU, max_seqs=max_seqs),
+            ResidencyConfig(backend, max_seqs=max_seqs, partial=partial),
             DiskTier(disk) if disk is not None else None,
+            Ledger(host_cap, host=True) if backend is Backend.CUDA and host_cap else None,
         )
         config = SchedulerConfig(
             models_dir,
@@ -890,3 +894,154 @@ def test_models_on_two_devices_decode_at_the_same_time(models_dir: Path) -> None
         assert overlapping, runs
 
     run(models_dir, test, caps=[16 * GiB, 16 * GiB])
+
+
+# -- partial placement (issue #12) -------------------------------------------------------------
+
+
+def _cuda_sizing() -> Residency:
+    return Residency(FakeWorker(), [], KvStore(GiB), ResidencyConfig(Backend.CUDA))
+
+
+def _device_need(info: ModelInfo, n_gpu_layers: int, n_ctx: int = 512) -> int:
+    """Device bytes of a model with ``n_gpu_layers`` on the device and one context."""
+    sizing = _cuda_sizing()
+    weights = sizing.weights_request("m", info, n_gpu_layers).bytes
+    return weights + sizing.context_request("m", info, n_ctx, 1, n_gpu_layers).bytes
+
+
+def _most_that_fit(info: ModelInfo, cap: int) -> int:
+    """The largest n_gpu_layers below all of them whose bytes fit ``cap``, by trying each."""
+    return max(k for k in range(info.n_layer + 1) if _device_need(info, k) <= cap)
+
+
+def test_a_model_too_large_for_every_device_gets_the_most_layers_that_fit(
+    models_dir: Path,
+) -> None:
+    """Gemma fits whole on neither device: it goes where the most of its layers fit, with
+    that many (the same count as trying each), its host part charged to the host ledger;
+    its agent decodes; the host ledger's charges go when it unloads."""
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    layers = info.n_layer + 1
+    full = _device_need(info, layers)
+    caps = [full // 3, full * 2 // 3]
+    expected = _most_that_fit(info, caps[1])
+    assert 0 < expected < layers and _most_that_fit(info, caps[0]) < expected
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "g", "gemma3-270m")
+        slot = s.agents["g"].slot
+        assert (slot.device.index, slot.n_gpu_layers, slot.partial) == (1, expected, True)
+        assert slot.model.n_gpu_layers == expected  # type: ignore[attr-defined]
+        assert (await decode(s, "g")).text == "x" * 8
+        host = s.room.host
+        assert host is not None
+        sizing = _cuda_sizing()
+        weights, _ = sizing.host_requests("m", info, 512, 1, expected)
+        charged = host.snapshot()
+        assert charged["model:gemma3-270m"] == weights.bytes > 0
+        assert charged["context:gemma3-270m"] > 0
+        await s.unregister("g", 0)
+        assert host.reserved == 0 and s.room.devices[1].ledger.reserved == 0
+
+    run(models_dir, test, caps=caps, backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
+
+
+def test_no_partial_keeps_all_or_nothing(models_dir: Path) -> None:
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    full = _device_need(info, info.n_layer + 1)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        with pytest.raises(LedgerDenied) as refused:
+            await register(s, "g", "gemma3-270m")
+        assert refused.value.details["reason"] == "CAP"
+        assert refused.value.details["requested_bytes"] == full
+        assert not [e for e in w.log if e[0] == "load"]
+
+    run(models_dir, test, caps=[full // 2], backend=Backend.CUDA, host_cap=16 * GiB, partial=False)
+
+
+def test_refused_when_the_host_cannot_hold_the_rest_with_both_numbers(models_dir: Path) -> None:
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    full = _device_need(info, info.n_layer + 1)
+    expected = _most_that_fit(info, full // 2)
+    weights, context = _cuda_sizing().host_requests("m", info, 512, 1, expected)
+    host_cap = (weights.bytes + context.bytes) // 2
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        with pytest.raises(LedgerDenied) as refused:
+            await register(s, "g", "gemma3-270m")
+        details = refused.value.details
+        assert details["reason"] == "HOST" and details["cap_bytes"] == host_cap
+        assert details["requested_bytes"] == weights.bytes + context.bytes
+        assert details["device"]["n_gpu_layers"] == expected
+        assert details["device"]["cap_bytes"] == full // 2
+        assert details["device"]["requested_bytes"] == _device_need(info, expected)
+        assert "host RAM" in str(refused.value)
+        assert not [e for e in w.log if e[0] == "load"]
+
+    run(models_dir, test, caps=[full // 2], backend=Backend.CUDA, host_cap=host_cap)
+
+
+def test_refused_with_each_devices_numbers_when_not_even_no_layers_fit(models_dir: Path) -> None:
+    """A device too small for the compute buffer alone: refused with the numbers at 0 layers."""
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    nothing = _device_need(info, 0)
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        with pytest.raises(LedgerDenied) as refused:
+            await register(s, "g", "gemma3-270m")
+        details = refused.value.details
+        assert details["reason"] == "CAP" and details["requested_bytes"] == nothing
+        assert details["parts"]["weights"] == 0
+        assert [d["requested_bytes"] for d in details["devices"]] == [nothing, nothing]
+
+    caps = [nothing // 2, nothing - 1]
+    run(models_dir, test, caps=caps, backend=Backend.CUDA, host_cap=16 * GiB)
+
+
+def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
+    models_dir: Path,
+) -> None:
+    """SmolLM2 holds part of the device, so Gemma gets only some layers. SmolLM2's agent
+    leaves while Gemma's decodes: Gemma keeps its layers until its reply ends, then is
+    reloaded with all of them, and its agent's conversation goes on from its parked KV."""
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    smol = read_model_info(models_dir / f"{SMOL}.gguf")
+    layers = info.n_layer + 1
+    cap = _device_need(info, layers) + _device_need(smol, smol.n_layer + 1) // 2
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await decode(s, "a")
+        await register(s, "g", "gemma3-270m")
+        slot = s.agents["g"].slot
+        before = slot.n_gpu_layers
+        assert 0 < before < layers
+        await decode(s, "g")
+        long = asyncio.ensure_future(decode(s, "g", 400))
+        await asyncio.sleep(0.05)
+        await s.unregister("a", 0)  # keep-alive 0: SmolLM2 unloads, its room is free
+        await asyncio.sleep(0.1)
+        assert slot.n_gpu_layers == before and not long.done()  # not while decoding
+        result = await long
+        assert result.generated_tokens == 400 and slot.n_gpu_layers == before
+        for _ in range(100):
+            if slot.n_gpu_layers == layers:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.n_gpu_layers == layers and not slot.partial
+        assert slot.model.n_gpu_layers == layers  # type: ignore[attr-defined]
+        assert [e for e in w.log if e[:2] == ("unload", GEMMA)]
+        held = len(s.agents["g"].tokens)
+        again = await decode(s, "g")
+        assert again.restored and again.text == "x" * 8
+        # The conversation went on from its parked KV (all but the last token generated)
+        assert again.cached_tokens == held - 1
+        ledger = s.room.devices[0].ledger
+        assert (
+            ledger.snapshot()["model:gemma3-270m"]
+            == _cuda_sizing().weights_request("m", info, layers).bytes
+        )
+
+    run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)

@@ -33,6 +33,7 @@ from lmxd.memory.device import (
     ledger_cap,
     per_device,
     probe_devices,
+    probe_host,
 )
 from lmxd.memory.estimator import CUDA_OVERHEAD, Backend
 from lmxd.memory.host import map_large_blocks
@@ -59,6 +60,9 @@ class DaemonConfig:
     # Each device's cap, for all ("90", "8GiB") or per device ("0=90,1=80"): memory.device.
     vram_cap_percent: str | None = None  # None: 90
     vram_limit: str | None = None  # "8GiB": behave as a card of that size
+    partial: bool = True  # too large for every device: as many layers as fit on one
+    host_limit: int | None = None  # host RAM for CUDA models' host parts; None: available
+    op_offload: bool = True  # host layers' matrix products of prompts run on the GPU
     park_budget: int = 8 << 30  # host RAM for parked state
     keep_alive_s: float = 300.0
     max_queue: int = 64
@@ -141,6 +145,15 @@ def _devices(infos: list[DeviceInfo], config: DaemonConfig, backend: Backend) ->
     return devices
 
 
+def host_ledger(limit: int | None) -> Ledger:
+    """The host-RAM ledger of a GPU daemon: what its models keep in host memory (the input
+    embeddings, the logits, and all of partially placed models' layers off the device), up
+    to 90% of ``limit`` or of the memory available at the start, the smaller. Parked state
+    has its own budget (--park-budget)."""
+    available = probe_host().free
+    return Ledger(int(min(available, limit or available) * DEFAULT_CAP_PERCENT / 100), host=True)
+
+
 def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
     """The daemon without its fronts: engine, memory, scheduler, and the Service over them."""
     # CUDA numbers the cards as NVML does (by PCI bus), so that a model's main_gpu is the
@@ -159,10 +172,17 @@ def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:
         worker,
         devices,
         store,
-        ResidencyConfig(backend, n_threads=config.n_threads, max_seqs=config.max_seqs),
+        ResidencyConfig(
+            backend,
+            n_threads=config.n_threads,
+            max_seqs=config.max_seqs,
+            partial=config.partial,
+            op_offload=config.op_offload,
+        ),
         # Parked state past the --park-budget goes to disk (lmxd.kvdisk), as does every idle
         # agent's KV at a clean stop.
         DiskTier(config.park_dir / "states") if config.park_dir is not None else None,
+        host_ledger(config.host_limit) if backend is Backend.CUDA else None,
     )
     scheduler = Scheduler(
         worker,

@@ -89,6 +89,29 @@ OPTIONS = [
         "device (0=8GiB,1=16GiB).",
     ),
     click.option(
+        "--partial/--no-partial",
+        "partial",
+        default=True,
+        help="A model too large for every device runs with as many layers on one as fit, the "
+        "rest in host RAM (--no-partial: refused instead).",
+    ),
+    click.option(
+        "--host-limit",
+        "host_limit",
+        type=checks.SIZE,
+        default=None,
+        help="On a GPU: host RAM for what models keep there (layers not on a device, logits); "
+        "the ledger admits up to 90% of this or of the memory available at the start, the "
+        "smaller.",
+    ),
+    click.option(
+        "--op-offload/--no-op-offload",
+        "op_offload",
+        default=True,
+        help="Layers in host RAM: run their matrix products over batches of 32 tokens and more "
+        "(prompts) on the GPU, copying their weights over as they go.",
+    ),
+    click.option(
         "--park-budget",
         "park_budget",
         type=checks.SIZE,

@@ -52,6 +52,7 @@ UNSET_MEANS = {
     "devices": "every GPU",
     "vram_cap_percent": "90 on every device",
     "vram_limit": "each device's own size",
+    "host_limit": "the host memory available at the start",
     "api_key": "no key: HTTP on loopback only",
 }
 

@@ -49,6 +49,9 @@ class ContextParams:
     type_k: str = "f16"
     type_v: str = "f16"
     n_threads: int = 0  # 0 = up to one per CPU core, tuned as it runs (CPU builds)
+    # Layers left in host RAM: their matrix products over batches of 32 tokens and more run
+    # on the GPU, their weights copied over as they go (llama.cpp's op_offload).
+    op_offload: bool = True
 
     def __post_init__(self) -> None:
         if self.n_seq_max < 1 or self.n_batch < 1 or self.n_ubatch < 1:
@@ -140,6 +143,7 @@ class Context:
         cp.n_outputs_max_per_seq = 1
         cp.kv_unified = False  # one KV stream per sequence: see the module's docstring
         cp.swa_full = False  # sliding-window layers keep only their window
+        cp.op_offload = params.op_offload
         cp.type_k = _KV_TYPES[params.type_k]
         cp.type_v = _KV_TYPES[params.type_v]
         threads = params.n_threads or os.cpu_count() or 1

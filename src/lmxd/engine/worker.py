@@ -44,7 +44,7 @@ class ContextHandle(Protocol):
 
 
 class Worker(Protocol):
-    async def load(self, path: Path, device: int) -> ModelHandle: ...
+    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle: ...
     async def unload(self, model: ModelHandle) -> None: ...
     async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]: ...
     async def check_grammar(self, model: ModelHandle, grammar: str) -> None: ...
@@ -106,9 +106,9 @@ class LlamaWorker:
         self.deterministic = deterministic
         self._registry = engine.call(ModelRegistry, engine)
 
-    async def load(self, path: Path, device: int) -> ModelHandle:
+    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
         def load_() -> Model:
-            model = self._registry.acquire(path, device=device)
+            model = self._registry.acquire(path, n_gpu_layers, device)
             # The stepper's token tables, built with the load (a REGISTER) rather than when
             # the model's first context opens (its agents' first DECODE): about 0.4 s for a
             # vocabulary of 128,256 tokens.

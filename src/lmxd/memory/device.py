@@ -40,7 +40,7 @@ def probe_device(index: int = 0, pid: int | None = None) -> DeviceInfo:
     ``process_used`` is process ``pid``'s (default: this process).
     """
     gpu = _probe_nvml(index, pid or os.getpid())
-    return gpu if gpu is not None else _probe_host()
+    return gpu if gpu is not None else probe_host()
 
 
 def probe_devices(selected: Sequence[int] | None = None) -> list[DeviceInfo]:
@@ -53,7 +53,7 @@ def probe_devices(selected: Sequence[int] | None = None) -> list[DeviceInfo]:
                 f"--devices {','.join(map(str, selected))}: this machine has no GPU "
                 "(its one device is host memory, 0)"
             )
-        return [_probe_host()]
+        return [probe_host()]
     indices = list(range(count)) if selected is None else list(selected)
     missing = [i for i in indices if not 0 <= i < count]
     if missing or not indices or len(set(indices)) != len(indices):
@@ -165,7 +165,8 @@ def resident_bytes(pid: int | None = None) -> int:
     return 0
 
 
-def _probe_host() -> DeviceInfo:
+def probe_host() -> DeviceInfo:
+    """Host memory as a device: MemTotal, MemAvailable, this process's resident bytes."""
     mem = _meminfo()
     free, used = mem["MemAvailable"], resident_bytes()
     return DeviceInfo("cpu", "host memory", 0, mem["MemTotal"], free, used)

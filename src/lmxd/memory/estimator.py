@@ -43,17 +43,21 @@ class Backend(StrEnum):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted bytes by part. ``device_*`` is what the ledger charges (host RAM on CPU)."""
+    """Predicted bytes by part. ``weights``, ``kv`` and ``compute`` are the device's (host RAM
+    on CPU: what the ledger charges); ``*_host`` what a CUDA model keeps in host RAM."""
 
     backend: Backend
     n_ctx: int  # per sequence, as asked
     n_seq: int
+    n_gpu_layers: int  # of n_layer + 1 (the output layer counts as one); all on CPU
     kv_cells: int  # cells of the (full-attention) KV pool after padding
     weights: int  # on the device
-    weights_host: int  # left in host memory (the input embeddings on CUDA)
+    weights_host: int  # left in host memory (the input embeddings, and layers not offloaded)
     kv: int
+    kv_host: int  # of the layers not offloaded
     kv_per_token: int  # bytes per token of context, summed over all layers
     compute: int
+    compute_host: int  # the CPU backend's compute buffer, when layers stay on the CPU
     output: int  # the logits buffer (host memory on CUDA)
     overhead: int
 
@@ -61,6 +65,14 @@ class MemoryEstimate:
     def context(self) -> int:
         """Bytes one context costs on the device: KV + compute (+ logits on CPU)."""
         return self.kv + self.compute + (self.output if self.backend is Backend.CPU else 0)
+
+    @property
+    def context_host(self) -> int:
+        """Host bytes of one context on CUDA: the logits, and the KV and compute buffer of
+        the layers not offloaded."""
+        if self.backend is Backend.CPU:
+            return 0
+        return self.kv_host + self.compute_host + self.output
 
     @property
     def total(self) -> int:
@@ -97,32 +109,55 @@ def check_n_ctx(info: ModelInfo, n_ctx: int, beyond_training: bool = False) -> N
         )
 
 
+def layers_on_device(info: ModelInfo, n_gpu_layers: int) -> int:
+    """llama.cpp's layer count, normalized: 0 to n_layer + 1 (negative = all)."""
+    return info.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, info.n_layer + 1)
+
+
+def _first_gpu_block(info: ModelInfo, n_gpu_layers: int) -> int:
+    """The first repeating block on the device: llama.cpp offloads the last ones."""
+    return info.n_layer - min(layers_on_device(info, n_gpu_layers), info.n_layer)
+
+
 def weight_bytes(info: ModelInfo, backend: Backend, n_gpu_layers: int = -1) -> tuple[int, int]:
     """(device bytes, host bytes) of the weights.
 
     On CUDA, llama.cpp keeps the input embeddings in host memory and puts the last
     ``n_gpu_layers`` blocks on the GPU, plus the output layer when n_gpu_layers > n_layer
-    (negative = all). A model with tied embeddings gets a device copy of token_embd as its
-    output matrix (llama-model.cpp, TENSOR_DUPLICATED).
+    (negative = all); the rest stays in host memory. A model with tied embeddings gets a
+    device copy of token_embd as its output matrix (llama-model.cpp, TENSOR_DUPLICATED).
     """
     sizes = [(t, _pad(t.n_bytes, _TENSOR_ALIGN)) for t in info.tensors]
     everything = sum(size for _, size in sizes)
     if backend is Backend.CPU:
         return everything, 0
-    gpu_layers = info.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, info.n_layer + 1)
-    first_gpu_block = info.n_layer - min(gpu_layers, info.n_layer)
-    output_on_gpu = gpu_layers > info.n_layer
+    first_gpu_block = _first_gpu_block(info, n_gpu_layers)
+    output_on_gpu = layers_on_device(info, n_gpu_layers) > info.n_layer
     names = {t.name for t in info.tensors}
-    device = 0
+    device = host = 0
     for t, size in sizes:
         if t.layer is not None:
-            device += size if t.layer >= first_gpu_block else 0
-        elif t.name.startswith("output") and output_on_gpu:
+            on_device = t.layer >= first_gpu_block
+        elif t.name.startswith("output"):
+            on_device = output_on_gpu
+        else:
+            on_device = False  # the input embeddings, and any other tensor outside a block
+        if on_device:
             device += size
-        elif t.name == "token_embd.weight" and output_on_gpu and "output.weight" not in names:
+        else:
+            host += size
+        if t.name == "token_embd.weight" and output_on_gpu and "output.weight" not in names:
             device += size  # the duplicated output matrix of tied embeddings
-    host = sum(size for t, size in sizes if t.layer is None and t.name.startswith("token_embd"))
     return device, host
+
+
+def _block_bytes(info: ModelInfo) -> int:
+    """The weights of the largest repeating block."""
+    blocks: dict[int, int] = {}
+    for t in info.tensors:
+        if t.layer is not None:
+            blocks[t.layer] = blocks.get(t.layer, 0) + _pad(t.n_bytes, _TENSOR_ALIGN)
+    return max(blocks.values(), default=0)
 
 
 def _activation_bytes_per_token(info: ModelInfo) -> int:
@@ -150,6 +185,7 @@ def estimate(
     type_v: str = "f16",
     beyond_training: bool = False,
     swa_full: bool = False,
+    op_offload: bool = True,
 ) -> MemoryEstimate:
     """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each, each sequence with a
     KV stream of its own (lmxd's contexts set ``kv_unified=false``).
@@ -157,6 +193,13 @@ def estimate(
     ``beyond_training`` sizes contexts longer than the model was trained for, as the
     article's naive set-up did (n_ctx 172,032 for every model); lmxd itself refuses them.
     ``swa_full`` gives sliding-window layers a full cache, llama.cpp's default outside lmxd.
+
+    On CUDA with some layers left on the CPU (``n_gpu_layers`` below n_layer + 1), each
+    layer's KV lives where the layer does, and both backends get a compute buffer. Those two
+    buffers are over-estimated, not fitted: each is given the whole graph's peak, and with
+    ``op_offload`` the device's also holds a copy of one host block's weights (llama.cpp
+    copies the weights of a host layer's matrix products to the device for batches of 32
+    tokens and more, and runs them there).
     """
     check_n_ctx(info, n_ctx, beyond_training)
     if n_seq < 1:
@@ -172,14 +215,21 @@ def estimate(
     swa_stream = stream if swa_full else _pad(min(stream, info.n_swa + n_ubatch), KV_PAD)
     swa_cells = swa_stream * n_seq
     full_per_token = swa_per_token = 0
+    kv = kv_host = 0
+    first_gpu_block = _first_gpu_block(info, n_gpu_layers) if backend is Backend.CUDA else 0
     for il in range(info.n_layer):
         k = _type_bytes(type_k, info.n_head_kv[il] * info.head_dim_k)
         v = _type_bytes(type_v, info.n_head_kv[il] * info.head_dim_v)
         if info.swa_layers[il]:
             swa_per_token += k + v
+            layer = (k + v) * swa_cells
         else:
             full_per_token += k + v
-    kv = full_per_token * cells + swa_per_token * swa_cells
+            layer = (k + v) * cells
+        if il >= first_gpu_block:
+            kv += layer
+        else:
+            kv_host += layer
 
     # Compute buffers (llama-context.cpp sched_reserve): the largest graph is a full ubatch
     # attending over a whole stream. Flash attention takes an f16 mask per KV cache of
@@ -191,17 +241,26 @@ def estimate(
     )
     logits = 4 * info.n_vocab * n_seq  # one row per sequence (n_outputs_max = n_seq)
     compute = max(logits, masks + ubatch * _activation_bytes_per_token(info)) + COMPUTE_SLACK
+    on_device = layers_on_device(info, n_gpu_layers) if backend is Backend.CUDA else 0
+    compute_host = 0
+    if backend is Backend.CUDA and on_device <= info.n_layer:
+        compute_host = compute
+        if op_offload:
+            compute += _block_bytes(info)
 
     return MemoryEstimate(
         backend=backend,
         n_ctx=n_ctx,
         n_seq=n_seq,
+        n_gpu_layers=on_device,
         kv_cells=cells,
         weights=weights,
         weights_host=weights_host,
         kv=kv,
+        kv_host=kv_host,
         kv_per_token=full_per_token + swa_per_token,
         compute=compute,
+        compute_host=compute_host,
         output=logits,
         overhead=CUDA_OVERHEAD if backend is Backend.CUDA else 0,
     )

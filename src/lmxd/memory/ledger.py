@@ -63,6 +63,8 @@ class Denial:
     parts: dict[str, int]
     owners: tuple[str, ...]
     reclaimable: int = 0  # of ``reserved``, what releasing the ignored reservations would free
+    ledger: str = "VRAM ledger"  # which ledger denies, for the message
+    reason: str = "CAP"  # the error's ``reason``: CAP for a device, HOST for host RAM
 
     @property
     def free(self) -> int:
@@ -73,7 +75,7 @@ class Denial:
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items() if v)
         reclaim = f", {format_bytes(self.reclaimable)} of it idle" if self.reclaimable else ""
         return (
-            f"VRAM ledger denies {' + '.join(self.owners)}: needs {format_bytes(self.requested)} "
+            f"{self.ledger} denies {' + '.join(self.owners)}: needs {format_bytes(self.requested)} "
             f"({detail}) but at most {format_bytes(self.free)} of the {format_bytes(self.cap)} "
             f"cap can be had ({format_bytes(self.reserved)} reserved{reclaim})"
         )
@@ -81,7 +83,7 @@ class Denial:
     def error(self) -> LedgerDenied:
         return LedgerDenied(
             self.message(),
-            reason="CAP",
+            reason=self.reason,
             cap_bytes=self.cap,
             reserved_bytes=self.reserved,
             requested_bytes=self.requested,
@@ -98,12 +100,15 @@ class _Charge:
 
 
 class Ledger:
-    """Thread-safe reserve/release of device bytes under ``cap``."""
+    """Thread-safe reserve/release of device bytes under ``cap``. A device's ledger by
+    default; ``host=True`` makes the host-RAM ledger of what CUDA models keep there (its
+    denials say so, with reason HOST)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, host: bool = False) -> None:
         if not 0 < cap < _MAX_BYTES:
             raise InvalidInput(f"ledger cap must be positive, got {cap}")
         self.cap = cap
+        self._names = ("host RAM ledger", "HOST") if host else ("VRAM ledger", "CAP")
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._charges: dict[str | int, _Charge] = {}  # by key, or by reservation id if unkeyed
@@ -184,7 +189,7 @@ class Ledger:
             for name, size in r.parts.items():
                 parts[name] = parts.get(name, 0) + size
         owners = tuple(r.owner for r in requests)
-        return Denial(self.cap, reserved, requested, parts, owners, reclaimable)
+        return Denial(self.cap, reserved, requested, parts, owners, reclaimable, *self._names)
 
     def release(self, reservation: Reservation) -> None:
         """Give the bytes back (for a shared charge, when its last holder releases)."""

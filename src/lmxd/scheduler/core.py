@@ -42,7 +42,6 @@ from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
 from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
-from lmxd.scheduler.devices import Device, place
 from lmxd.scheduler.endings import Endings
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
@@ -113,27 +112,19 @@ class Scheduler:
             info = read_model_info(path)
             check_n_ctx(info, n_ctx)
             slot = self.room.slots.get(str(path))
-            key = slot.key if slot is not None else model
-            weights = self.room.weights_request(key, info)
             # Admission: would the model and this agent's context fit on its device if every
             # context there whose agents are all idle were closed? If not, no amount of
-            # parking helps: refuse now. A model already loaded is admitted where it is; a
-            # new one goes where it fits with the most room left (lmxd.scheduler.devices).
-            alone = self.room.context_request(key, info, n_ctx, 1)
-
-            def denial_on(device: Device) -> Denial | None:
-                evictable = [
-                    s.context_reservation
-                    for s in self.room.evictable(device)
-                    if s.context_reservation is not None
-                ]
-                return device.ledger.fits(weights, alone, ignoring=evictable)
-
+            # parking helps: refuse now. A model already loaded is admitted where it is, with
+            # the layers it has there; a new one is placed (lmxd.scheduler.devices).
             if slot is None:
-                device = place(self.room.devices, denial_on)
-                slot = await self.models.load(key, path, weights, device)
-            elif (denial := denial_on(slot.device)) is not None:
+                slot = await self.models.load(
+                    model, path, info, self.room.placement(model, info, n_ctx)
+                )
+            elif (
+                denial := self.room.denial_on(slot.device, slot.key, info, n_ctx, slot.n_gpu_layers)
+            ) is not None:
                 raise denial.error()
+            weights = self.room.weights_request(slot.key, info, slot.n_gpu_layers)
             got = slot.device.ledger.try_reserve(weights)
             assert not isinstance(got, Denial)  # the charge is live: another handle is free
             slot.weights[agent_id] = got[0]
@@ -329,10 +320,11 @@ class Scheduler:
                 await asyncio.sleep(0)  # REGISTER / UNREGISTER / RESET get in between slices
 
     async def _idle(self) -> None:
-        """Wait for work; meanwhile, once idle for a moment, spill parked agents to disk
-        while their states take more than three quarters of the park budget, then write idle
-        agents' KV ahead of need: one at a time, stopping as soon as work arrives (it then
-        waits for one copy at most)."""
+        """Wait for work; meanwhile, once idle for a moment, reload partially placed models
+        with more layers where room has freed up, spill parked agents to disk while their
+        states take more than three quarters of the park budget, then write idle agents' KV
+        ahead of need: one at a time, stopping as soon as work arrives (it then waits for one
+        copy or reload at most)."""
         try:
             await asyncio.wait_for(self._wake.wait(), _WRITE_AHEAD_AFTER_S)
             return
@@ -340,6 +332,8 @@ class Scheduler:
             pass
         while not self._wake.is_set():
             async with self._lock:
+                if await self.models.grow_one():
+                    continue
                 if (agent := self.room.next_to_spill(idle=True)) is not None:
                     if await self.room.spill(agent):
                         continue

@@ -7,6 +7,12 @@ lowest index first on a tie; where it fits on none, its REGISTER is refused with
 numbers. A model lives on one device: its weights, its KV and its compute buffers (llama.cpp's
 split mode "none", ``main_gpu`` the device), so that each device's ledger charges exactly what
 that device holds, and its agents' parked states come back onto it.
+
+Partial placement (issue #12): a model whose weights and one agent's context fit whole on no
+device, even with its idle contexts closed, is placed with as many of its layers as fit on the
+device where the most fit (llama.cpp's ``n_gpu_layers``; it offloads the last blocks, then the
+output layer), the rest in host RAM, charged to the host's ledger. Only a model the host
+cannot hold the rest of either is refused, with both ledgers' numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +39,35 @@ class Device:
     def reconcile(self) -> None:
         if self.reconciler is not None:
             self.reconciler.reconcile()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's layers go: ``n_gpu_layers`` of its ``layers`` (its blocks and its
+    output layer) on ``device``, the rest in host RAM."""
+
+    device: Device
+    n_gpu_layers: int
+    layers: int
+
+    @property
+    def partial(self) -> bool:
+        return self.n_gpu_layers < self.layers
+
+
+def most_layers(layers: int, denial_with: Callable[[int], Denial | None]) -> int | None:
+    """The largest n_gpu_layers below ``layers`` for which ``denial_with`` gives no denial
+    (the device's bytes grow with every layer, so a bisection finds it); None if not even 0."""
+    if denial_with(0) is not None:
+        return None
+    fits, refused = 0, layers
+    while refused - fits > 1:
+        middle = (fits + refused) // 2
+        if denial_with(middle) is None:
+            fits = middle
+        else:
+            refused = middle
+    return fits
 
 
 def place(devices: Sequence[Device], denial_on: Callable[[Device], Denial | None]) -> Device:

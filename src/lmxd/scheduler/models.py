@@ -1,7 +1,9 @@
 """A model's life in the daemon: resolved, loaded under the ledger, kept alive, unloaded.
 
 The first REGISTER that names a model loads it: its weights are reserved in the ledger first
-(closing other models' idle contexts if that makes room), then llama.cpp loads the file once.
+(closing other models' idle contexts if that makes room), then llama.cpp loads the file once,
+with as many layers on its device as its placement gives it (lmxd.scheduler.devices). A model
+placed partially is reloaded with more layers when room frees up and its agents are idle.
 Each agent holds a weights handle of its own, so the charge goes with the last of them; then
 a keep-alive handle holds it for ``keep_alive_s`` (a REGISTER meanwhile cancels the unload),
 and the model is unloaded.
@@ -11,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lmxd import catalog
 from lmxd.chat.template import ChatTemplate
+from lmxd.engine.context import KV_PAD
 from lmxd.engine.worker import Worker
 from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
-from lmxd.memory.ledger import Denial, Request
-from lmxd.scheduler.devices import Device
+from lmxd.memory.ledger import Denial, Request, Reservation
+from lmxd.modelfile import ModelInfo
+from lmxd.scheduler.devices import Device, Placement
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
@@ -82,25 +87,107 @@ class Models:
             raise ModelFileError(f"{path} is not a regular file", path=str(path))
         return path
 
-    async def load(self, key: str, path: Path, weights: Request, device: Device) -> ModelSlot:
-        """Reserve the weights on ``device`` (closing idle contexts there if need be), then
-        load the model onto it."""
+    async def load(self, key: str, path: Path, info: ModelInfo, where: Placement) -> ModelSlot:
+        """Reserve the weights on the placement's device (closing idle contexts there if need
+        be) and in host RAM, then load the model with its layers placed so."""
+        device = where.device
+        got = await self._reserve(key, info, where)
+        try:
+            model = await self.worker.load(path, device.index, where.n_gpu_layers)
+        except LmxdError:
+            self._release(device, got)
+            raise
+        chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
+        slot = ModelSlot(key, path, model.info, model, chat, device, where.n_gpu_layers)
+        slot.weights[KEEPALIVE_HOLDER], slot.host_weights = got
+        self.room.slots[str(path)] = slot
+        log.info(
+            "load model=%s device=%d layers=%d/%d bytes=%d",
+            key,
+            device.index,
+            where.n_gpu_layers,
+            where.layers,
+            got[0].bytes,
+        )
+        return slot
+
+    async def _reserve(
+        self, key: str, info: ModelInfo, where: Placement
+    ) -> tuple[Reservation, Reservation | None]:
+        """The weights' charges: on the device (closing idle contexts there until they fit)
+        and, on CUDA, in host RAM."""
+        device = where.device
+        weights = self.room.weights_request(key, info, where.n_gpu_layers)
         while isinstance(got := device.ledger.try_reserve(weights), Denial):
             victims = self.room.evictable(device)
             if not victims:
                 raise got.error()
             await self.room.close_context(victims[0])
-        try:
-            model = await self.worker.load(path, device.index)
-        except LmxdError:
+        host = self.room.host
+        if host is None:
+            return got[0], None
+        request, _ = self.room.host_requests(key, info, KV_PAD, 1, where.n_gpu_layers)
+        held = host.try_reserve(request)
+        if isinstance(held, Denial):
             device.ledger.release(got[0])
-            raise
-        chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
-        slot = ModelSlot(key, path, model.info, model, chat, device)
-        slot.weights[KEEPALIVE_HOLDER] = got[0]  # until the first agent holds its own handle
-        self.room.slots[str(path)] = slot
-        log.info("load model=%s device=%d bytes=%d", key, device.index, got[0].bytes)
-        return slot
+            raise held.error()
+        return got[0], held[0]
+
+    def _release(self, device: Device, got: tuple[Reservation, Reservation | None]) -> None:
+        device.ledger.release(got[0])
+        if got[1] is not None and self.room.host is not None:
+            self.room.host.release(got[1])
+
+    async def grow_one(self) -> bool:
+        """:meth:`grow` the first partially placed model that can be; True if one was."""
+        for slot in [s for s in self.room.slots.values() if s.partial]:
+            if await self.grow(slot):
+                return True
+        return False
+
+    async def grow(self, slot: ModelSlot) -> bool:
+        """Reload a partially placed model whose agents are all idle with more layers on its
+        device, if they fit now (its agents' KV parked first; the file's pages are in the OS
+        cache, so the load is cheap). True if it was reloaded."""
+        if not slot.all_idle or (layers := self.room.more_layers(slot)) is None:
+            return False
+        before = slot.n_gpu_layers
+        t0 = time.perf_counter()
+        try:
+            await self.room.close_context(slot)
+        except LmxdError as exc:  # a park that found no room: stay as it is
+            log.warning("reload of model=%s with more layers skipped: %s", slot.key, exc)
+            return False
+        await self.worker.unload(slot.model)
+        holders = list(slot.weights)
+        self._release(slot.device, (slot.weights.pop(holders[0]), slot.host_weights))
+        for holder in holders[1:]:
+            slot.device.ledger.release(slot.weights.pop(holder))
+        where = Placement(slot.device, layers, slot.info.n_layer + 1)
+        try:
+            got = await self._reserve(slot.key, slot.info, where)
+            slot.model = await self.worker.load(slot.path, slot.device.index, layers)
+        except LmxdError as exc:
+            log.error("reload of model=%s with %d layers failed: %s", slot.key, layers, exc)
+            where = Placement(slot.device, before, where.layers)
+            got = await self._reserve(slot.key, slot.info, where)
+            slot.model = await self.worker.load(slot.path, slot.device.index, before)
+        slot.n_gpu_layers = where.n_gpu_layers
+        weights = self.room.weights_request(slot.key, slot.info, where.n_gpu_layers)
+        slot.weights[holders[0]], slot.host_weights = got
+        for holder in holders[1:]:
+            handle = slot.device.ledger.try_reserve(weights)
+            assert not isinstance(handle, Denial)  # keyed and live: costs nothing
+            slot.weights[holder] = handle[0]
+        log.info(
+            "reload model=%s layers=%d->%d/%d ms=%.1f",
+            slot.key,
+            before,
+            slot.n_gpu_layers,
+            where.layers,
+            (time.perf_counter() - t0) * 1000,
+        )
+        return slot.n_gpu_layers > before
 
     def cancel_unload(self, slot: ModelSlot) -> None:
         """An agent holds ``slot`` again: no unload, and no keep-alive handle."""
@@ -141,5 +228,8 @@ class Models:
         for handle in slot.weights.values():
             slot.device.ledger.release(handle)
         slot.weights.clear()
+        if slot.host_weights is not None and self.room.host is not None:
+            self.room.host.release(slot.host_weights)
+        slot.host_weights = None
         del self.room.slots[str(slot.path)]
         log.info("unload model=%s", slot.key)

@@ -45,16 +45,17 @@ from dataclasses import dataclass
 
 from lmxd.engine.context import KV_PAD, ContextParams
 from lmxd.engine.worker import Worker
-from lmxd.errors import LmxdError, ParkBudgetExceeded
+from lmxd.errors import LedgerDenied, LmxdError, ParkBudgetExceeded
 from lmxd.kvdisk import DiskTier, StateOwner
 from lmxd.kvstore import KvStore, ParkedState
-from lmxd.memory.estimator import Backend, estimate, weight_bytes
-from lmxd.memory.ledger import Denial, Request, Reservation
+from lmxd.memory.estimator import Backend, MemoryEstimate, estimate, weight_bytes
+from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Activity, Agent, Memory
-from lmxd.scheduler.devices import Device
+from lmxd.scheduler.devices import Device, Placement, most_layers, place
 from lmxd.scheduler.jobs import Job
 from lmxd.scheduler.slots import ModelSlot
+from lmxd.units import format_bytes
 
 log = logging.getLogger("lmxd.scheduler")
 
@@ -91,6 +92,8 @@ class ResidencyConfig:
     n_batch: int = 512
     n_threads: int = 0
     max_seqs: int = 16  # sequences per context: agents of one model resident at once
+    partial: bool = True  # a model too large for every device gets as many layers as fit
+    op_offload: bool = True  # host layers' matrix products of large batches run on the GPU
 
 
 class Residency:
@@ -103,9 +106,11 @@ class Residency:
         store: KvStore,
         config: ResidencyConfig,
         disk: DiskTier | None = None,  # state files under the park directory, if any
+        host: Ledger | None = None,  # host RAM for what CUDA models keep there; None on CPU
     ) -> None:
         self.worker = worker
         self.devices = devices
+        self.host = host
         self.store = store
         self.disk = disk
         self.config = config
@@ -114,20 +119,140 @@ class Residency:
 
     # -- contexts ----------------------------------------------------------------------------
 
-    def weights_request(self, key: str, info: ModelInfo) -> Request:
-        """The model's weights, keyed by file: charged once however many agents share them."""
-        device, _ = weight_bytes(info, self.config.backend)
+    def weights_request(self, key: str, info: ModelInfo, n_gpu_layers: int = -1) -> Request:
+        """The model's weights on its device, keyed by file: charged once however many agents
+        share them."""
+        device, _ = weight_bytes(info, self.config.backend, n_gpu_layers)
         return Request(f"model:{key}", {"weights": device}, key=f"weights:{info.path}")
 
-    def context_request(self, key: str, info: ModelInfo, n_ctx: int, n_seq: int) -> Request:
-        """``n_seq`` sequences with a stream of ``n_ctx`` cells each."""
-        est = estimate(
-            info, n_ctx, n_seq, backend=self.config.backend, n_ubatch=self.config.n_batch
-        )
+    def context_request(
+        self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int = -1
+    ) -> Request:
+        """``n_seq`` sequences with a stream of ``n_ctx`` cells each, on the model's device."""
+        est = self._estimate(info, n_ctx, n_seq, n_gpu_layers)
         parts = {"kv": est.kv, "compute": est.compute}
         if self.config.backend is Backend.CPU:
             parts["output"] = est.output
         return Request(f"context:{key}", parts)
+
+    def host_requests(
+        self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int
+    ) -> tuple[Request, Request]:
+        """What a CUDA model keeps in host RAM: its weights off the device, and the context's
+        logits, and the KV and compute buffer of its layers off the device."""
+        est = self._estimate(info, n_ctx, n_seq, n_gpu_layers)
+        weights = Request(f"model:{key}", {"weights": est.weights_host})
+        parts = {"kv": est.kv_host, "compute": est.compute_host, "output": est.output}
+        return weights, Request(f"context:{key}", parts)
+
+    def _estimate(
+        self, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int
+    ) -> MemoryEstimate:
+        return estimate(
+            info,
+            n_ctx,
+            n_seq,
+            backend=self.config.backend,
+            n_gpu_layers=n_gpu_layers,
+            n_ubatch=self.config.n_batch,
+            op_offload=self.config.op_offload,
+        )
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def denial_on(
+        self, device: Device, key: str, info: ModelInfo, n_ctx: int, n_gpu_layers: int
+    ) -> Denial | None:
+        """Would the model (with ``n_gpu_layers`` on ``device``) and one agent's context fit
+        there if every context there whose agents are all idle were closed? If not, no amount
+        of parking helps."""
+        evictable = [
+            s.context_reservation
+            for s in self.evictable(device)
+            if s.context_reservation is not None
+        ]
+        weights = self.weights_request(key, info, n_gpu_layers)
+        alone = self.context_request(key, info, n_ctx, 1, n_gpu_layers)
+        return device.ledger.fits(weights, alone, ignoring=evictable)
+
+    def placement(self, key: str, info: ModelInfo, n_ctx: int) -> Placement:
+        """Where a new model goes (lmxd.scheduler.devices): whole on the device with the most
+        room left; else, unless partial placement is off, with the most layers that fit on
+        any device. LedgerDenied with each device's numbers, or the host's, where neither
+        works."""
+        layers = info.n_layer + 1
+        try:
+            device = place(self.devices, lambda d: self.denial_on(d, key, info, n_ctx, layers))
+            where = Placement(device, layers, layers)
+        except LedgerDenied:
+            if not self.config.partial or self.config.backend is Backend.CPU:
+                raise
+            # Not even the compute buffer fits anywhere: refused with each device's numbers
+            # at 0 layers.
+            place(self.devices, lambda d: self.denial_on(d, key, info, n_ctx, 0))
+            candidates: list[tuple[int, int, Device]] = []
+            for device in self.devices:
+
+                def denial_with(k: int, device: Device = device) -> Denial | None:
+                    return self.denial_on(device, key, info, n_ctx, k)
+
+                most = most_layers(layers, denial_with)
+                if most is not None:
+                    candidates.append((most, device.ledger.cap - device.ledger.reserved, device))
+            most, _, device = max(candidates, key=lambda c: c[:2])
+            where = Placement(device, most, layers)
+        self._check_host(key, info, n_ctx, where)
+        return where
+
+    def _check_host(self, key: str, info: ModelInfo, n_ctx: int, where: Placement) -> None:
+        """LedgerDenied (reason HOST) if host RAM cannot hold what ``where`` leaves there."""
+        if self.host is None:
+            return
+        requests = self.host_requests(key, info, n_ctx, 1, where.n_gpu_layers)
+        denial = self.host.fits(*requests)
+        if denial is None:
+            return
+        on_device = self.weights_request(key, info, where.n_gpu_layers).bytes
+        on_device += self.context_request(key, info, n_ctx, 1, where.n_gpu_layers).bytes
+        raise LedgerDenied(
+            f"host RAM ledger denies {' + '.join(denial.owners)}: with "
+            f"{where.n_gpu_layers} of {where.layers} layers on device {where.device.index} "
+            f"(needing {format_bytes(on_device)} of it), the rest needs "
+            f"{format_bytes(denial.requested)} of host RAM but at most "
+            f"{format_bytes(denial.free)} of its {format_bytes(denial.cap)} cap can be had",
+            reason="HOST",
+            cap_bytes=denial.cap,
+            reserved_bytes=denial.reserved,
+            requested_bytes=denial.requested,
+            reclaimable_bytes=denial.reclaimable,
+            parts=dict(denial.parts),
+            device={
+                "device": where.device.index,
+                "n_gpu_layers": where.n_gpu_layers,
+                "layers": where.layers,
+                "requested_bytes": on_device,
+                "cap_bytes": where.device.ledger.cap,
+                "reserved_bytes": where.device.ledger.reserved,
+            },
+        )
+
+    def more_layers(self, slot: ModelSlot) -> int | None:
+        """For a partially placed model: the most layers that would fit on its device now,
+        its own weights and context given back (nobody else's closed), if more than it has."""
+        layers = slot.info.n_layer + 1
+        own = [*slot.weights.values()]
+        if slot.context_reservation is not None:
+            own.append(slot.context_reservation)
+        n_ctx = max((a.n_ctx for a in slot.agents.values()), default=KV_PAD)
+        key, info = slot.key, slot.info
+
+        def denial_with(k: int) -> Denial | None:
+            weights = self.weights_request(key, info, k)
+            alone = self.context_request(key, info, n_ctx, 1, k)
+            return slot.device.ledger.fits(weights, alone, ignoring=own)
+
+        most = layers if denial_with(layers) is None else most_layers(layers, denial_with)
+        return most if most is not None and most > slot.n_gpu_layers else None
 
     def evictable(
         self, device: Device, exclude: ModelSlot | None = None, for_job: Job | None = None
@@ -164,7 +289,7 @@ class Residency:
         shapes = [(self._stream(slot, need), n_seq), (need, 1)]
         denial: Denial | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
-            request = self.context_request(slot.key, slot.info, n_ctx, seqs)
+            request = self.context_request(slot.key, slot.info, n_ctx, seqs, slot.n_gpu_layers)
             while True:
                 got = slot.device.ledger.try_reserve(request)
                 if not isinstance(got, Denial):
@@ -186,20 +311,33 @@ class Residency:
     async def _create_context(
         self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
     ) -> None:
+        """Open the context ``res`` reserved on the device, after reserving what it keeps in
+        host RAM (LedgerDenied, reason HOST, if the host cannot hold it)."""
+        host: Reservation | None = None
+        if self.host is not None:
+            _, request = self.host_requests(slot.key, slot.info, n_ctx, n_seq, slot.n_gpu_layers)
+            got = self.host.try_reserve(request)
+            if isinstance(got, Denial):
+                slot.device.ledger.release(res)
+                raise got.error()
+            host = got[0]
         params = ContextParams(
             n_ctx=n_ctx,
             n_seq_max=n_seq,
             n_batch=self.config.n_batch,
             n_ubatch=self.config.n_batch,
             n_threads=self.config.n_threads,
+            op_offload=self.config.op_offload,
         )
         t0 = time.perf_counter()
         try:
             slot.context = await self.worker.open_context(slot.model, params)
         except LmxdError:
             slot.device.ledger.release(res)
+            if host is not None and self.host is not None:
+                self.host.release(host)
             raise
-        slot.context_reservation = res
+        slot.context_reservation, slot.context_host = res, host
         slot.seqs = [None] * n_seq
         log.info(
             "context open model=%s cells=%d seqs=%d bytes=%d ms=%.1f",
@@ -227,6 +365,9 @@ class Residency:
         if slot.context_reservation is not None:
             slot.device.ledger.release(slot.context_reservation)
             slot.context_reservation = None
+        if slot.context_host is not None and self.host is not None:
+            self.host.release(slot.context_host)
+        slot.context_host = None
         log.info("context closed model=%s ms=%.1f", slot.key, (time.perf_counter() - t0) * 1000)
         # What the device held for it beyond the ledger (its scratch pools) went with it:
         # admission retried in this same round of making room must not count it still.

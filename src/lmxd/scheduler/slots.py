@@ -34,10 +34,13 @@ class ModelSlot:
     model: ModelHandle
     chat: ChatTemplate
     device: Device  # where its weights, KV and compute live
+    n_gpu_layers: int  # of its n_layer + 1 on the device (all but partially placed ones)
     agents: dict[str, Agent] = field(default_factory=dict)
     weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
     context: ContextHandle | None = None
     context_reservation: Reservation | None = None
+    host_weights: Reservation | None = None  # host RAM of a CUDA model (its host ledger)
+    context_host: Reservation | None = None
     control: SliceControl | None = None  # while a slice of this model runs
     to_park: list[Agent] = field(default_factory=list)  # forced parks, one per turn
     held: list[tuple[Job, DecodeResult]] = field(default_factory=list)  # replies until then
@@ -45,6 +48,11 @@ class ModelSlot:
     unload_timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.monotonic)
     generated: int = 0  # tokens its agents generated since it loaded (after every slice)
+
+    @property
+    def partial(self) -> bool:
+        """Some of its layers are in host RAM (lmxd.scheduler.devices)."""
+        return self.n_gpu_layers <= self.info.n_layer
 
     @property
     def pool_cells(self) -> int:
