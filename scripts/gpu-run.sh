@@ -13,7 +13,7 @@
 # (scripts/profile_daemon.py, under py-spy when its wheel is carried); 7, the gpu tests alone
 # (their output kept: the cap sweep prints its figures); 8, on two GPUs, `lmxd bench devices`
 # and the gpu tests; 9, on two GPUs, scripts/profile_devices.py without py-spy for each
-# DEVICES@THREADS of $RUNS; 0, the CUDA build packed
+# DEVICES@THREADS of $RUNS; 10, `lmxd bench offload`; 0, the CUDA build packed
 # into $OUT, to be carried next time as .device-carry/llama-cuda.tar.xz (a machine that has
 # it skips the build). Each part's results land in
 # $OUT as a tarball as soon as it ends.
@@ -73,6 +73,9 @@ for part in "$@"; do
     ;;
   9)  # two GPUs: the devices profile without py-spy, for each DEVICES@THREADS in $RUNS
     NO_SPY=1 python3 scripts/profile_devices.py "$out" $RUNS 2>&1 | tee "$out/threads.txt"
+    ;;
+  10)  # partial offload
+    lmxd bench offload --out "$out" 2>&1 | tee "$out/offload.txt"
     ;;
   0)  # the CUDA build for .device-carry/llama-cuda.tar.xz (cat the parts): pip copied each
       # library's symlinks as files, three copies of 43 MB; links again, it packs to 22 MB

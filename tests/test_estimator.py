@@ -73,20 +73,24 @@ def test_partial_offload_splits_weights(smollm2: Path) -> None:
 
 
 def test_every_split_accounts_for_every_byte_once(smollm2: Path, gemma3: Path) -> None:
-    """Each layer's weights and KV are on the device or in host RAM, never both nor neither;
+    """Each layer's weights and KV are on the device or in host RAM, never both nor neither
+    (but the device copy of tied embeddings' output matrix);
     the device's share grows with every layer offloaded; the host compute buffer (and the
     device's copy of one host block, with op_offload) exist only while layers stay home."""
     for path in (smollm2, gemma3):
         info = read_model_info(path)
         everything, _ = weight_bytes(info, Backend.CPU)
+        full = estimate(info, 2048, 2, backend=Backend.CUDA)
+        tied = full.weights + full.weights_host - everything  # the output's device copy
         cpu_kv = estimate(info, 2048, 2).kv
         previous = -1
         for k in range(info.n_layer + 2):
             est = estimate(info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=k)
             assert est.n_gpu_layers == k
             assert est.kv + est.kv_host == cpu_kv
+            # the output layer goes first (with tied embeddings, a copy of token_embd)
+            assert est.weights + est.weights_host == everything + (tied if k else 0)
             if k <= info.n_layer:
-                assert est.weights + est.weights_host == everything
                 assert est.compute_host > 0
                 staged = estimate(
                     info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=k, op_offload=False

@@ -321,3 +321,42 @@ def test_on_two_gpus_each_model_is_on_its_device_and_each_device_under_its_cap()
         assert all(a["device"] == placed[a["model"]] for a in listed)
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_partial_placement_keeps_greedy_output_and_the_cap_at_every_split() -> None:
+    """The Llama-3.2-1B shape under budgets from its full need down to the least a daemon can
+    hold it with: the daemon places all its layers, fewer, then none on the device; the
+    greedy text is the same at every split, and NVML's peak stays under each cap."""
+    from lmxd.bench.offload import N_CTX, budget_for
+    from lmxd.modelfile import read_model_info
+
+    info = read_model_info(catalog.resolve_model("synth-llama3.2-1b", catalog.models_dir()))
+    layers = info.n_layer + 1
+    least, full = budget_for(info, 0), budget_for(info, layers)
+    placed, texts = [], []
+    for share in (100, 60, 30, 0):
+        budget = least + (full - least) * share // 100
+        d = Daemon("--vram-limit", f"{budget}B", "--vram-cap-percent", "100", "--max-seqs", "1")
+        try:
+            w = d.wire()
+            with PeakSampler(d.pid) as sampler:
+                got = w.ok("REGISTER", agent="a", model="synth-llama3.2-1b", n_ctx=N_CTX)
+                r = w.ok("DECODE", agent="a", prompt=" 1, 2, 3, 4," * 200, max_tokens=48)
+                status = w.ok("STATUS")
+            cap = status["ledger"]["cap"]
+            print(
+                f"\npartial {share}%: cap {cap} layers {got['n_gpu_layers']}/{got['layers']} "
+                f"estimated {got['estimated_speed']} NVML peak {sampler.peak} "
+                f"{r['tokens_per_s']:.1f} tok/s"
+            )
+            assert cap == budget and got["layers"] == layers
+            assert sampler.available and 0 < sampler.peak < cap, (sampler.peak, cap)
+            host = status["host"]
+            assert host is not None and host["reserved"] > 0
+            placed.append(got["n_gpu_layers"])
+            texts.append(r["text"])
+        finally:
+            assert d.stop() == 0, d.log()
+    assert placed[0] == layers and placed[-1] == 0
+    assert placed == sorted(placed, reverse=True) and 0 < placed[2] < placed[1] < layers
+    assert all(t == texts[0] for t in texts), texts

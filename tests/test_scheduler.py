@@ -923,10 +923,9 @@ def test_a_model_too_large_for_every_device_gets_the_most_layers_that_fit(
     its agent decodes; the host ledger's charges go when it unloads."""
     info = read_model_info(models_dir / f"{GEMMA}.gguf")
     layers = info.n_layer + 1
-    full = _device_need(info, layers)
-    caps = [full // 3, full * 2 // 3]
+    caps = [_device_need(info, 3), _device_need(info, layers // 2) + 1]
     expected = _most_that_fit(info, caps[1])
-    assert 0 < expected < layers and _most_that_fit(info, caps[0]) < expected
+    assert expected == layers // 2 and _most_that_fit(info, caps[0]) == 3
 
     async def test(s: Scheduler, w: FakeWorker) -> None:
         await register(s, "g", "gemma3-270m")
@@ -963,8 +962,9 @@ def test_no_partial_keeps_all_or_nothing(models_dir: Path) -> None:
 
 def test_refused_when_the_host_cannot_hold_the_rest_with_both_numbers(models_dir: Path) -> None:
     info = read_model_info(models_dir / f"{GEMMA}.gguf")
-    full = _device_need(info, info.n_layer + 1)
-    expected = _most_that_fit(info, full // 2)
+    cap = _device_need(info, info.n_layer // 2)
+    expected = _most_that_fit(info, cap)
+    assert expected == info.n_layer // 2
     weights, context = _cuda_sizing().host_requests("m", info, 512, 1, expected)
     host_cap = (weights.bytes + context.bytes) // 2
 
@@ -975,12 +975,12 @@ def test_refused_when_the_host_cannot_hold_the_rest_with_both_numbers(models_dir
         assert details["reason"] == "HOST" and details["cap_bytes"] == host_cap
         assert details["requested_bytes"] == weights.bytes + context.bytes
         assert details["device"]["n_gpu_layers"] == expected
-        assert details["device"]["cap_bytes"] == full // 2
+        assert details["device"]["cap_bytes"] == cap
         assert details["device"]["requested_bytes"] == _device_need(info, expected)
         assert "host RAM" in str(refused.value)
         assert not [e for e in w.log if e[0] == "load"]
 
-    run(models_dir, test, caps=[full // 2], backend=Backend.CUDA, host_cap=host_cap)
+    run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=host_cap)
 
 
 def test_refused_with_each_devices_numbers_when_not_even_no_layers_fit(models_dir: Path) -> None:

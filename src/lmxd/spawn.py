@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from lmxd.config import NO_FILE
@@ -24,6 +26,7 @@ class DaemonProcess:
         timeout: float = 120,
         http: str = "off",
         verbose: bool = False,  # log every park, restore and context (INFO)
+        env: Mapping[str, str] | None = None,  # set in its environment, beside ours
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="lmxd-", dir="/tmp"))  # AF_UNIX paths are short
         self.socket = socket_path or self.dir / "d.sock"
@@ -45,7 +48,9 @@ class DaemonProcess:
             *args,
         ]
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

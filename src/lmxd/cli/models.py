@@ -222,6 +222,7 @@ for _name, _doc in (
     ("switch", "Time to first token of a parked agent: park, restore, prefill, p50/p99."),
     ("http", "Streaming over the HTTP front against the JSON-lines socket: TTFT and tokens/s."),
     ("devices", "Agents spread over two GPUs against the same agents on one (needs two GPUs)."),
+    ("offload", "A model over its budget: layers placed by budget, against full offload and CPU."),
 ):
     _bench_command(_name, _doc)
 

@@ -558,6 +558,7 @@ class Scheduler:
             loop.call_soon_threadsafe(deliver, pieces)
 
         seqs = [agent.seq for agent in active if agent.seq is not None]
+        t0 = time.perf_counter()
         try:
             reports = await self.worker.run(
                 slot.context, seqs, self.config.slice_steps, control, emit
@@ -568,6 +569,7 @@ class Scheduler:
             return
         finally:
             slot.control = None
+            slot.decode_s += time.perf_counter() - t0
         for seq, report in reports.items():
             self._apply(by_seq[seq], report)
         slot.last_used = time.monotonic()

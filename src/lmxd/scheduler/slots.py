@@ -48,6 +48,7 @@ class ModelSlot:
     unload_timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.monotonic)
     generated: int = 0  # tokens its agents generated since it loaded (after every slice)
+    decode_s: float = 0.0  # wall time of its slices since it loaded
 
     @property
     def partial(self) -> bool:

@@ -38,7 +38,7 @@ from lmxd.errors import (
     UnknownAgent,
 )
 from lmxd.memory.device import probe_device
-from lmxd.memory.estimator import estimate
+from lmxd.memory.estimator import Backend, decode_speed_share, estimate
 from lmxd.registry import FORMAT as REGISTRY_FORMAT
 from lmxd.registry import AgentRecord, AgentRegistry
 from lmxd.results import DecodeResult, Piece
@@ -191,9 +191,23 @@ class Service:
         )
         if kept:
             self._persist(agent)
+        slot = got.slot
         return Registered(
-            agent=got.id, model=got.slot.key, n_ctx=got.n_ctx, path=str(got.slot.path)
+            agent=got.id,
+            model=slot.key,
+            n_ctx=got.n_ctx,
+            path=str(slot.path),
+            device=slot.device.index,
+            n_gpu_layers=slot.n_gpu_layers,
+            layers=slot.info.n_layer + 1,
+            estimated_speed=self._estimated_speed(slot),
         )
+
+    def _estimated_speed(self, slot: ModelSlot) -> float:
+        """``slot``'s decode speed estimated as a share of all its layers on its device."""
+        if not slot.partial or self.scheduler.room.config.backend is Backend.CPU:
+            return 1.0
+        return round(decode_speed_share(slot.info, slot.n_gpu_layers), 3)
 
     async def reset(self, agent: str, caller: int | None = None) -> None:
         with self._logged("RESET", agent=agent):
@@ -493,6 +507,13 @@ class Service:
             "device": devices[0]["device"],
             "ledger": devices[0]["ledger"],
             "devices": devices,
+            "host": None
+            if (host := sched.room.host) is None
+            else {
+                "cap": host.cap,
+                "reserved": host.reserved,
+                "by_owner": host.snapshot(),
+            },
             "parked_host_bytes": sched.room.store.used,
             "transfers": protocol.to_builtins(sched.room.transfers),
             "park_budget": sched.room.store.budget,
@@ -536,7 +557,12 @@ class Service:
                 continue
             weights = next(iter(slot.weights.values())).bytes if slot.weights else 0
             context = slot.context_reservation.bytes if slot.context_reservation else 0
-            by_model[slot.key] = {"weights": weights, "context": context}
+            by_model[slot.key] = {
+                "weights": weights,
+                "context": context,
+                "n_gpu_layers": slot.n_gpu_layers,
+                "layers": slot.info.n_layer + 1,
+            }
             per_token = estimate(slot.info, 1).kv_per_token
             for agent in slot.agents.values():
                 by_agent[agent.id] = agent.kv_tokens * per_token if agent.seq is not None else 0
@@ -600,6 +626,12 @@ class Service:
                 resident=len(slot.residents()),
                 generated_tokens=slot.generated,
                 unload_in_s=None if timer is None else round(max(0.0, timer.when() - now), 1),
+                n_gpu_layers=slot.n_gpu_layers,
+                layers=slot.info.n_layer + 1,
+                estimated_speed=self._estimated_speed(slot),
+                decode_tokens_per_s=(
+                    round(slot.generated / slot.decode_s, 1) if slot.decode_s > 0 else None
+                ),
             )
             for slot in self.scheduler.room.slots.values()
             for timer in [slot.unload_timer]

@@ -16,6 +16,10 @@ class Registered(msgspec.Struct, frozen=True):
     model: str  # the key the daemon knows the model by
     n_ctx: int
     path: str  # the resolved .gguf file
+    device: int  # where its model is
+    n_gpu_layers: int  # of its model's ``layers`` on the device (fewer: placed partially)
+    layers: int  # the model's blocks and its output layer
+    estimated_speed: float  # decode speed estimated as a share of all layers on the device
 
 
 class AgentView(msgspec.Struct, frozen=True):
@@ -47,6 +51,10 @@ class LoadedModel(msgspec.Struct, frozen=True):
     resident: int  # its agents whose KV is on the device now
     generated_tokens: int  # by its agents since it loaded, counted after every slice
     unload_in_s: float | None  # no agent left: seconds until it unloads (keep-alive)
+    n_gpu_layers: int  # of ``layers`` on the device (fewer: placed partially)
+    layers: int  # its blocks and its output layer
+    estimated_speed: float  # decode speed estimated as a share of all layers on the device
+    decode_tokens_per_s: float | None  # measured: generated_tokens over its slices' time
 
 
 class Refusal(msgspec.Struct, frozen=True):
