@@ -24,11 +24,12 @@ from lmxd.units import MiB
 
 # llama-context.cpp pads n_ctx (and llama-kv-cache-iswa.cpp the sliding-window cache) to 256.
 KV_PAD = 256
-# CUDA's per-process cost before the first byte of weights: the CUDA context and cuBLAS
-# workspace. On the H200 (2026-11-29) NVML showed 519-521 MiB beyond llama.cpp's own buffers
-# for one model and context; with two models loaded the peak ran ~25 MiB above the ledger's
-# view with 512. Count it once, with that margin.
-CUDA_OVERHEAD = 576 * MiB
+# CUDA's per-process cost beyond llama.cpp's own buffers: the CUDA context, cuBLAS's workspace
+# and ggml's memory pool. On the H200 (2026-11-29) NVML showed 519-521 MiB for one model and
+# context after short prompts, and 611-618 MiB after prefills of 4,000 to 5,700 tokens in
+# batches of 512, whatever the layers on the device (scripts/measure_offload.py, and
+# `lmxd bench offload`, whose peaks crossed caps by up to 11 MiB with 576 counted here).
+CUDA_OVERHEAD = 640 * MiB
 # Allocator alignment slack per context; it also covers llama.cpp's buffer log lines, which
 # round to 0.01 MiB, so that a measured figure never exceeds an exact prediction.
 COMPUTE_SLACK = 128 * 1024
