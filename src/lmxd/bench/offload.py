@@ -74,6 +74,7 @@ async def _serve(socket: Path) -> dict[str, Any]:
         "layers": models[0]["layers"],
         "estimated_speed": registered["estimated_speed"],
         "prompt_tokens": reply.prompt_tokens,
+        "generated": reply.generated_tokens,
         "prefill_tok_s": reply.prompt_tokens / (timings["prefill"] / 1000),
         "decode_tok_s": reply.generated_tokens / (timings["decode"] / 1000),
         "text": reply.text,
@@ -153,7 +154,7 @@ def run(models_dir: Path, out: Path) -> Report:
             f"of {layers}",
         )
         report.add(
-            f"{share}% budget: decode",
+            f"{share}% budget: decode ({row['generated']} tokens)",
             row["decode_tok_s"],
             "tok/s",
             f"(full {full['decode_tok_s']:,.0f}, cpu {cpu['decode_tok_s']:,.0f})",
