@@ -73,7 +73,7 @@ def test_top_shows_the_daemons_agents_models_memory_and_refusals() -> None:
         assert reviewer[2:4] == [str(listed["reviewer"]["kv_tokens"]), "512"]
         assert reviewer[6:8] == ["1", "0"]  # parked once (for coder), never restored
         [model] = _rows(text, "models").values()
-        assert model[:4] == ["smollm2-135m", "0", "2", "1"]
+        assert model[:5] == ["smollm2-135m", "0", "31/31", "2", "1"]  # all 31 layers on its device
         status = w.ok("STATUS")
         cap = format_bytes(status["ledger"]["cap"])
         assert f"of a {cap} cap" in text

@@ -153,33 +153,21 @@ def run(models_dir: Path, out: Path) -> Report:
             row["n_gpu_layers"],
             f"of {layers}",
         )
+        report.add(f"{share}%: decode, {row['generated']} tokens", row["decode_tok_s"], "tok/s")
+        report.add(f"{share}%: prefill", row["prefill_tok_s"], "tok/s")
+        for what, key in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s")):
+            report.add(f"{share}%: {what} / full offload", row[key] / full[key], "x")
+            report.add(f"{share}%: {what} / cpu only", row[key] / cpu[key], "x")
+        report.add(f"{share}%: decode / full offload, estimated", row["estimated_speed"], "x")
         report.add(
-            f"{share}% budget: decode ({row['generated']} tokens)",
-            row["decode_tok_s"],
-            "tok/s",
-            f"(full {full['decode_tok_s']:,.0f}, cpu {cpu['decode_tok_s']:,.0f})",
-        )
-        report.add(
-            f"{share}% budget: prefill",
-            row["prefill_tok_s"],
-            "tok/s",
-            f"(full {full['prefill_tok_s']:,.0f}, cpu {cpu['prefill_tok_s']:,.0f})",
-        )
-        report.add(
-            f"{share}% budget: estimated / measured decode share of full",
-            row["estimated_speed"],
-            "x",
-            f"measured {row['decode_tok_s'] / full['decode_tok_s']:.3f}",
-        )
-        report.add(
-            f"{share}% budget: NVML peak",
+            f"{share}%: NVML peak",
             row["peak"] / 2**20,
             "MiB",
             f"< cap {budget / 2**20:,.0f} MiB",
             row["peak"] < budget,
         )
         report.add(
-            f"{share}% budget: greedy text identical to full offload",
+            f"{share}%: greedy text identical to full offload",
             float(row["text"] == full["text"]),
             "bool",
         )

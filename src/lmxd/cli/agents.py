@@ -316,6 +316,7 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
         {
             "model": "l",
             "agents": "r",
+            "layers on GPU": "r",
             "weights": "r",
             "context": "r",
             "KV cells used": "r",
@@ -327,6 +328,7 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
         shown.add_row(
             str(m.get("model")),
             str(m.get("refcount")),
+            f"{m.get('n_gpu_layers', '?')} of {m.get('layers', '?')}",
             _bytes(m.get("weights_bytes")),
             _bytes(m.get("context_bytes")),
             cells,

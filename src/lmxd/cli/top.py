@@ -109,6 +109,7 @@ def _models(now: Reading, before: Reading | None) -> Table:
         {
             "model": "l",
             "dev": "r",
+            "layers": "r",
             "agents": "r",
             "resident": "r",
             "tok/s": "r",
@@ -122,6 +123,7 @@ def _models(now: Reading, before: Reading | None) -> Table:
         shown.add_row(
             m["model"],
             str(m["device"]),
+            f"{m['n_gpu_layers']}/{m['layers']}",
             str(m["refcount"]),
             str(m["resident"]),
             _tps(_rate(now, before, "models", "model", m["model"])),

@@ -322,15 +322,10 @@ class Stepper:
                 prefilling.add(w)
         t0 = time.perf_counter()
         ctx.decode(seqs, tokens, positions, want)
-        elapsed = time.perf_counter() - t0
-        for w in prefilling:
-            reports[w.seq].prefill_s += elapsed
         picked = self._host_picks([w for w, _ in due])
         pieces: list[tuple[int, Piece]] = []
         ended = False
         for k, (w, row) in enumerate(due):
-            if w not in prefilling:
-                reports[w.seq].decode_s += elapsed
             if k in picked:
                 token = picked[k]
             elif w.pick is Pick.DEVICE:
@@ -342,6 +337,15 @@ class Stepper:
             if piece is not None and w.spec.stream:
                 pieces.append((w.seq, piece))
             ended = ended or w.stop_reason is not None
+        # On a GPU llama_decode returns once the step is queued: the step has run when its
+        # tokens are read, so that is when its time is taken (a prompt's chunks whose logits
+        # nobody reads are waited for by the next step's, which is the same prompt's).
+        elapsed = time.perf_counter() - t0
+        for w in prefilling:
+            reports[w.seq].prefill_s += elapsed
+        for w, _ in due:
+            if w not in prefilling:
+                reports[w.seq].decode_s += elapsed
         return pieces, ended
 
     def _host_picks(self, due: list[_Work]) -> dict[int, int]:
