@@ -6,17 +6,18 @@ buffer of a model with no layer on the device) and what it needs whole (its weig
 context of N_CTX cells and that overhead: the estimator's figures, as the ledger counts them),
 each with MARGIN for what CUDA holds beyond the ledger.
 At each budget a daemon with ``--vram-limit`` set to it (``--vram-cap-percent 100``) places
-the layers itself; one agent prefills a prompt of about PROMPT_TOKENS tokens and decodes
+the layers itself; one agent prefills PROMPT (3,999 tokens) and decodes
 TOKENS greedy. Figures: the layers placed, prefill and decode tokens/s against full offload
 and against CPU only, the NVML peak against the cap, and whether the greedy text is the full
 offload's.
 
-Then half the layers exactly (the budget the estimator gives for n_layer / 2 blocks) with
-llama.cpp's op_offload on and off: the goal for decode is >= 1.5x CPU only, for prefill with
-the host layers' weights streamed to the GPU (on) >= 1.3x without (off). The seed's baseline,
-copy-then-compute, is measured in the same run: the host layers' weights copied to the device
-with cudaMemcpy from pageable memory (as llama.cpp's mapped weights are), plus the prefill at
-full offload. CPU only is a daemon that sees no GPU (CUDA_VISIBLE_DEVICES empty).
+Then the budget for n_layer / 2 of the layers (with MARGIN: the daemon may place one more, and
+the figures say how many) with llama.cpp's op_offload on and off: the goal for decode is >=
+1.5x CPU only, for prefill with the host layers' weights streamed to the GPU (on) >= 1.3x
+without (off). The seed's baseline, copy-then-compute, is measured in the same run: the host
+layers' weights copied to the device with cudaMemcpy from pageable memory (as llama.cpp's
+mapped weights are), plus the prefill at full offload. CPU only is a daemon that sees no GPU
+(CUDA_VISIBLE_DEVICES empty).
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ from lmxd.units import MiB
 
 MODEL = "synth-llama3.2-1b"
 SHARES = (100, 75, 50, 25, 0)  # % of the way from the least budget to the full need
-PROMPT_TOKENS = 4000
 TOKENS = 128
 N_CTX = 8192
 # Room for what the device may hold beyond the ledger's figures (charged as ``unaccounted``
 # once seen): a cap exactly at the estimate would leave the model no room for it.
 MARGIN = 64 * MiB
-# 3,999 tokens (each run reports its count) after which the synthetic model goes on for all
+# 3,999 tokens (each run reports its count), after which the synthetic model goes on for all
 # TOKENS greedy (after a prompt of the numbers 1 to 1,400 it ended its reply at once)
 PROMPT = " 1, 2, 3, 4, 5, 6, 7, 8, 9, 10," * 129
 WARM_UP = " 1, 2, 3,"
@@ -173,7 +173,7 @@ def run(models_dir: Path, out: Path) -> Report:
         )
     on, off = rows["half"], rows["half, no op_offload"]
     report.add(
-        f"half the blocks ({on['n_gpu_layers']} of {layers}): decode / cpu only",
+        f"half ({on['n_gpu_layers']} of {layers}): decode / cpu only",
         on["decode_tok_s"] / cpu["decode_tok_s"],
         "x",
         ">= 1.5",

@@ -216,6 +216,14 @@ def status(as_json: bool, socket_path: Path | None) -> None:
         ]:
             table.add_row(name, _bytes(n))
         console.print(table)
+    host = got.get("host")
+    if host:
+        held = ", ".join(f"{o} {_bytes(n)}" for o, n in sorted(host.get("by_owner", {}).items()))
+        console.print(
+            f"host RAM ledger: {_bytes(host.get('reserved'))} of a {_bytes(host.get('cap'))} "
+            f"cap{': ' + held if held else ''}",
+            markup=False,
+        )
     console.print(
         f"parked in host RAM: {_bytes(got.get('parked_host_bytes'))} of a "
         f"{_bytes(got.get('park_budget'))} budget · on disk: "

@@ -114,7 +114,7 @@ def _models(now: Reading, before: Reading | None) -> Table:
             "resident": "r",
             "tok/s": "r",
             "weights": "r",
-            "keep-alive": "r",
+            "unload": "r",
         },
         no_wrap=True,
     )
@@ -128,7 +128,7 @@ def _models(now: Reading, before: Reading | None) -> Table:
             str(m["resident"]),
             _tps(_rate(now, before, "models", "model", m["model"])),
             format_bytes(m["weights_bytes"]),
-            "-" if left is None else f"{left:.0f} s left",
+            "-" if left is None else f"{left:.0f} s",
         )
     return shown
 
