@@ -61,6 +61,9 @@ def test_three_agents_interleave_and_continue_their_conversations(daemon: Daemon
         system = SYSTEM if model == "smollm2-135m" else None
         got = w.ok("REGISTER", agent=agent, model=model, n_ctx=2048, system_prompt=system)
         assert got["model"] == model
+        # on a CPU build the device is host memory: every layer is on it
+        assert got["device"] == 0 and got["n_gpu_layers"] == got["layers"] > 1
+        assert got["estimated_speed"] == 1.0
     replies = converse(w, agents)
     assert "Paris" in replies["coder"][0]["text"]
     assert "Berlin" in replies["coder"][1]["text"]  # the conversation went on
@@ -76,6 +79,14 @@ def test_three_agents_interleave_and_continue_their_conversations(daemon: Daemon
     assert all(a["tokens"] > 40 for a in listed.values())
     models = {m["model"]: m for m in w.ok("MODELS")["models"]}
     assert models["smollm2-135m"]["refcount"] == 2 and models["gemma3-270m"]["refcount"] == 1
+    assert (models["smollm2-135m"]["layers"], models["gemma3-270m"]["layers"]) == (31, 19)
+    for m in models.values():
+        # measured over its slices: as slow as the slowest reply, as fast as the fastest
+        rates = [
+            r["tokens_per_s"] for a, rs in replies.items() if agents[a] == m["model"] for r in rs
+        ]
+        assert min(rates) * 0.5 < m["decode_tokens_per_s"] < max(rates) * 2, (m, rates)
+    assert w.ok("STATUS")["host"] is None  # no host ledger where the device is host memory
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])

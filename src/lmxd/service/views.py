@@ -55,6 +55,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     layers: int  # its blocks and its output layer
     estimated_speed: float  # decode speed estimated as a share of all layers on the device
     decode_tokens_per_s: float | None  # measured: generated_tokens over its slices' time
+    # (prompt steps included)
 
 
 class Refusal(msgspec.Struct, frozen=True):
