@@ -1038,6 +1038,7 @@ def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
         assert again.restored and again.text == "x" * 8
         # The conversation went on from its parked KV (all but the last token generated)
         assert again.cached_tokens == held - 1
+        assert slot.decode_tokens == 8  # its speed is measured anew from the reload
         ledger = s.room.devices[0].ledger
         assert (
             ledger.snapshot()["model:gemma3-270m"]

@@ -223,7 +223,7 @@ def estimate(
     (llama.cpp copies the weights of a host layer's matrix products to the device, one at a
     time, for batches of 32 tokens and more, and runs them there). On the H200, for the
     Llama-3.2-1B shape: 64.0 MiB on the device without op_offload, 74.2 with it, against
-    72.1 and 85.2 predicted; in host RAM, 72.0 and 16.0 against 72.1.
+    72.1 and 85.3 predicted; in host RAM, 72.0 and 16.0 against 72.1.
     """
     check_n_ctx(info, n_ctx, beyond_training)
     if n_seq < 1:

@@ -332,8 +332,11 @@ class Scheduler:
             pass
         while not self._wake.is_set():
             async with self._lock:
-                if await self.models.grow_one():
-                    continue
+                try:
+                    if await self.models.grow_one():
+                        continue
+                except Exception:  # a bug must not take the daemon down with it
+                    log.exception("reload of a partially placed model failed")
                 if (agent := self.room.next_to_spill(idle=True)) is not None:
                     if await self.room.spill(agent):
                         continue
@@ -586,6 +589,7 @@ class Scheduler:
         agent.tokens.extend(report.generated)
         agent.generated += len(report.generated)
         agent.slot.generated += len(report.generated)
+        agent.slot.decode_tokens += len(report.generated)
         agent.kv = report.kv_tokens
         job.timings.prefill += report.prefill_s
         job.timings.decode += report.decode_s

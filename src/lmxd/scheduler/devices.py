@@ -10,9 +10,9 @@ that device holds, and its agents' parked states come back onto it.
 
 Partial placement (issue #12): a model whose weights and one agent's context fit whole on no
 device, even with its idle contexts closed, is placed with as many of its layers as fit on the
-device where the most fit (llama.cpp's ``n_gpu_layers``; it offloads the last blocks, then the
-output layer), the rest in host RAM, charged to the host's ledger. Only a model the host
-cannot hold the rest of either is refused, with both ledgers' numbers.
+device where the most fit (llama.cpp's ``n_gpu_layers``; it offloads the output layer first,
+then the blocks from the last), the rest in host RAM, charged to the host's ledger. Only a
+model the host cannot hold the rest of either is refused, with both ledgers' numbers.
 """
 
 from __future__ import annotations

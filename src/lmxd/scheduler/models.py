@@ -20,7 +20,7 @@ from pathlib import Path
 from lmxd import catalog
 from lmxd.chat.template import ChatTemplate
 from lmxd.engine.context import KV_PAD
-from lmxd.engine.worker import Worker
+from lmxd.engine.worker import ModelHandle, Worker
 from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
 from lmxd.memory.ledger import Denial, Request, Reservation
 from lmxd.modelfile import ModelInfo
@@ -88,28 +88,35 @@ class Models:
         return path
 
     async def load(self, key: str, path: Path, info: ModelInfo, where: Placement) -> ModelSlot:
-        """Reserve the weights on the placement's device (closing idle contexts there if need
-        be) and in host RAM, then load the model with its layers placed so."""
-        device = where.device
-        got = await self._reserve(key, info, where)
-        try:
-            model = await self.worker.load(path, device.index, where.n_gpu_layers)
-        except LmxdError:
-            self._release(device, got)
-            raise
+        """Load the model as ``where`` places it, under the ledgers (:meth:`_place`)."""
+        model, got = await self._place(key, path, info, where)
         chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
-        slot = ModelSlot(key, path, model.info, model, chat, device, where.n_gpu_layers)
+        slot = ModelSlot(key, path, model.info, model, chat, where.device, where.n_gpu_layers)
         slot.weights[KEEPALIVE_HOLDER], slot.host_weights = got
         self.room.slots[str(path)] = slot
         log.info(
             "load model=%s device=%d layers=%d/%d bytes=%d",
             key,
-            device.index,
+            where.device.index,
             where.n_gpu_layers,
             where.layers,
             got[0].bytes,
         )
         return slot
+
+    async def _place(
+        self, key: str, path: Path, info: ModelInfo, where: Placement
+    ) -> tuple[ModelHandle, tuple[Reservation, Reservation | None]]:
+        """Reserve the weights on the placement's device (closing idle contexts there if need
+        be) and in host RAM, then load the model with its layers placed so; the charges go
+        back if the load fails."""
+        got = await self._reserve(key, info, where)
+        try:
+            model = await self.worker.load(path, where.device.index, where.n_gpu_layers)
+        except LmxdError:
+            self._release(where.device, got)
+            raise
+        return model, got
 
     async def _reserve(
         self, key: str, info: ModelInfo, where: Placement
@@ -165,14 +172,13 @@ class Models:
             slot.device.ledger.release(slot.weights.pop(holder))
         where = Placement(slot.device, layers, slot.info.n_layer + 1)
         try:
-            got = await self._reserve(slot.key, slot.info, where)
-            slot.model = await self.worker.load(slot.path, slot.device.index, layers)
-        except LmxdError as exc:
+            slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
+        except LmxdError as exc:  # back as it was: that placement loaded before
             log.error("reload of model=%s with %d layers failed: %s", slot.key, layers, exc)
             where = Placement(slot.device, before, where.layers)
-            got = await self._reserve(slot.key, slot.info, where)
-            slot.model = await self.worker.load(slot.path, slot.device.index, before)
+            slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
         slot.n_gpu_layers = where.n_gpu_layers
+        slot.decode_tokens, slot.decode_s = 0, 0.0  # its speed measured anew
         weights = self.room.weights_request(slot.key, slot.info, where.n_gpu_layers)
         slot.weights[holders[0]], slot.host_weights = got
         for holder in holders[1:]:

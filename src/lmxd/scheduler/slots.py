@@ -48,7 +48,10 @@ class ModelSlot:
     unload_timer: asyncio.TimerHandle | None = None
     last_used: float = field(default_factory=time.monotonic)
     generated: int = 0  # tokens its agents generated since it loaded (after every slice)
-    decode_s: float = 0.0  # wall time of its slices since it loaded
+    # Its decode speed, measured: tokens generated and its slices' wall time, since it was
+    # loaded or reloaded with more layers.
+    decode_tokens: int = 0
+    decode_s: float = 0.0
 
     @property
     def partial(self) -> bool:

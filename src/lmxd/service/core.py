@@ -38,7 +38,7 @@ from lmxd.errors import (
     UnknownAgent,
 )
 from lmxd.memory.device import probe_device
-from lmxd.memory.estimator import Backend, decode_speed_share, estimate
+from lmxd.memory.estimator import decode_speed_share, estimate
 from lmxd.registry import FORMAT as REGISTRY_FORMAT
 from lmxd.registry import AgentRecord, AgentRegistry
 from lmxd.results import DecodeResult, Piece
@@ -205,9 +205,7 @@ class Service:
 
     def _estimated_speed(self, slot: ModelSlot) -> float:
         """``slot``'s decode speed estimated as a share of all its layers on its device."""
-        if not slot.partial or self.scheduler.room.config.backend is Backend.CPU:
-            return 1.0
-        return round(decode_speed_share(slot.info, slot.n_gpu_layers), 3)
+        return round(decode_speed_share(slot.info, slot.n_gpu_layers), 3) if slot.partial else 1.0
 
     async def reset(self, agent: str, caller: int | None = None) -> None:
         with self._logged("RESET", agent=agent):
@@ -507,13 +505,7 @@ class Service:
             "device": devices[0]["device"],
             "ledger": devices[0]["ledger"],
             "devices": devices,
-            "host": None
-            if (host := sched.room.host) is None
-            else {
-                "cap": host.cap,
-                "reserved": host.reserved,
-                "by_owner": host.snapshot(),
-            },
+            "host": self._host_status(),
             "parked_host_bytes": sched.room.store.used,
             "transfers": protocol.to_builtins(sched.room.transfers),
             "park_budget": sched.room.store.budget,
@@ -546,6 +538,13 @@ class Service:
             "config": self.declared.status(),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
+
+    def _host_status(self) -> dict[str, Any] | None:
+        """The host-RAM ledger of a GPU daemon for STATUS (None on a CPU build)."""
+        host = self.scheduler.room.host
+        if host is None:
+            return None
+        return {"cap": host.cap, "reserved": host.reserved, "by_owner": host.snapshot()}
 
     def _device_status(self, device: Device) -> dict[str, Any]:
         """One device for STATUS: what the probe reads now, and its ledger."""
@@ -630,7 +629,7 @@ class Service:
                 layers=slot.info.n_layer + 1,
                 estimated_speed=self._estimated_speed(slot),
                 decode_tokens_per_s=(
-                    round(slot.generated / slot.decode_s, 1) if slot.decode_s > 0 else None
+                    round(slot.decode_tokens / slot.decode_s, 1) if slot.decode_s > 0 else None
                 ),
             )
             for slot in self.scheduler.room.slots.values()

@@ -54,8 +54,9 @@ class LoadedModel(msgspec.Struct, frozen=True):
     n_gpu_layers: int  # of ``layers`` on the device (fewer: placed partially)
     layers: int  # its blocks and its output layer
     estimated_speed: float  # decode speed estimated as a share of all layers on the device
-    decode_tokens_per_s: float | None  # measured: generated_tokens over its slices' time
-    # (prompt steps included)
+    # measured: tokens generated over its slices' time (prompt steps included), since it
+    # loaded or was reloaded with more layers
+    decode_tokens_per_s: float | None
 
 
 class Refusal(msgspec.Struct, frozen=True):
