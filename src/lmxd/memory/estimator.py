@@ -36,7 +36,7 @@ COMPUTE_SLACK = 128 * 1024
 # Decode reads every weight of the model once per step; a byte read from host RAM by the CPU
 # costs this many times a byte read by the GPU from its own memory: 33-37 for the
 # Llama-3.2-1B shape on the H200 against its 16 CPU cores (`lmxd bench offload`, 2026-11-29
-# 22:38 UTC: all 17 layers 733 tok/s, 13 of 17 107, 8 of 17 47, 3 of 17 33, none 27). Another
+# 22:33 UTC: all 17 layers 733 tok/s, 13 of 17 107, 8 of 17 47, 3 of 17 33, none 27). Another
 # machine has another ratio: the REGISTER reply's estimate uses this one, and MODELS shows the
 # speed measured.
 HOST_SLOWDOWN = 35.0
