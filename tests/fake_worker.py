@@ -65,9 +65,12 @@ class FakeWorker:
         self.log: list[tuple[str, ...]] = []
         self.fail_saves = False  # every copy out raises, as a failed one would
         self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
+        self.most_layers: int | None = None  # loads with more layers fail, as out of memory
 
     async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
         self.log.append(("load", path.stem))
+        if self.most_layers is not None and n_gpu_layers > self.most_layers:
+            raise EngineError(f"the fake engine loads at most {self.most_layers} layers")
         return FakeModel(read_model_info(path), device=device, n_gpu_layers=n_gpu_layers)
 
     async def unload(self, model: ModelHandle) -> None:

@@ -1046,3 +1046,34 @@ def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
         )
 
     run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
+
+
+def test_a_reload_with_more_layers_that_fails_goes_back_and_is_not_tried_again(
+    models_dir: Path,
+) -> None:
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    smol = read_model_info(models_dir / f"{SMOL}.gguf")
+    cap = _device_need(info, info.n_layer + 1) + _device_need(smol, smol.n_layer + 1) // 2
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await decode(s, "a")
+        await register(s, "g", "gemma3-270m")
+        slot = s.agents["g"].slot
+        before = slot.n_gpu_layers
+        await decode(s, "g")
+        w.most_layers = before  # llama.cpp will fail to load it with more
+        await s.unregister("a", 0)
+        for _ in range(100):
+            if not slot.may_grow:
+                break
+            await asyncio.sleep(0.01)
+        assert not slot.may_grow and slot.n_gpu_layers == before
+        loads = [e for e in w.log if e == ("load", GEMMA)]
+        assert len(loads) == 3  # the first, the one that failed, and back as it was
+        await asyncio.sleep(0.3)  # idle again: no more tries
+        assert [e for e in w.log if e == ("load", GEMMA)] == loads
+        again = await decode(s, "g")
+        assert again.restored and again.text == "x" * 8
+
+    run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)

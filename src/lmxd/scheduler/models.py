@@ -147,7 +147,7 @@ class Models:
 
     async def grow_one(self) -> bool:
         """:meth:`grow` the first partially placed model that can be; True if one was."""
-        for slot in [s for s in self.room.slots.values() if s.partial]:
+        for slot in [s for s in self.room.slots.values() if s.partial and s.may_grow]:
             if await self.grow(slot):
                 return True
         return False
@@ -173,8 +173,9 @@ class Models:
         where = Placement(slot.device, layers, slot.info.n_layer + 1)
         try:
             slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
-        except LmxdError as exc:  # back as it was: that placement loaded before
+        except LmxdError as exc:  # back as it was (that placement loaded before), for good
             log.error("reload of model=%s with %d layers failed: %s", slot.key, layers, exc)
+            slot.may_grow = False
             where = Placement(slot.device, before, where.layers)
             slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
         slot.n_gpu_layers = where.n_gpu_layers

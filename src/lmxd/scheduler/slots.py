@@ -40,6 +40,7 @@ class ModelSlot:
     context: ContextHandle | None = None
     context_reservation: Reservation | None = None
     host_weights: Reservation | None = None  # host RAM of a CUDA model (its host ledger)
+    may_grow: bool = True  # partially placed: reloaded with more layers when room frees up
     context_host: Reservation | None = None
     control: SliceControl | None = None  # while a slice of this model runs
     to_park: list[Agent] = field(default_factory=list)  # forced parks, one per turn
