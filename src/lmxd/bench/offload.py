@@ -92,7 +92,7 @@ def _run(models_dir: Path, budget: int | None, *flags: str, cpu: bool = False) -
     return row | {"budget": budget, "peak": sampler.peak, "flags": list(flags)}
 
 
-def _copy_child(nbytes: int) -> float:
+def measure_copy(nbytes: int) -> float:
     """Seconds cudaMemcpy takes to copy ``nbytes`` from pageable host memory to the device
     (the best of three), in this process (a child: the parent holds NVML)."""
     cudart = None
@@ -120,7 +120,7 @@ def _copy_child(nbytes: int) -> float:
 
 
 def _copy_seconds(nbytes: int) -> float:
-    code = f"from lmxd.bench.offload import _copy_child; print(_copy_child({nbytes}))"
+    code = f"from lmxd.bench.offload import measure_copy; print(measure_copy({nbytes}))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
