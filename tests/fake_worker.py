@@ -31,7 +31,6 @@ class FakeModel:
     chat_template: str | None = None
     bos_text: str = ""
     eos_text: str = ""
-    device_weight_bytes: int = 0
     device: int = 0
     n_gpu_layers: int = -1
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from lmxd.engine.measure import measure_allocation
 from lmxd.errors import ContextSizeError
-from lmxd.memory.estimator import Backend, estimate, weight_bytes
+from lmxd.memory.estimator import Backend, decode_speed_share, estimate, weight_bytes
 from lmxd.modelfile import read_model_info
 
 CASES = [
@@ -114,3 +115,16 @@ def test_bad_n_ctx(smollm2: Path, n_ctx: int) -> None:
 def test_bad_n_seq(smollm2: Path) -> None:
     with pytest.raises(ContextSizeError):
         estimate(read_model_info(smollm2), 512, 0)
+
+
+def test_the_estimated_decode_speed_grows_with_every_layer_on_the_device(
+    smollm2: Path, gemma3: Path
+) -> None:
+    """Both models tie their embeddings: with no layer on the device the input embeddings are
+    the output matrix too, read at every step, so the first layer offloaded (the output
+    layer) already speeds decoding up."""
+    for path in (smollm2, gemma3):
+        info = read_model_info(path)
+        shares = [decode_speed_share(info, k) for k in range(info.n_layer + 2)]
+        assert all(a < b for a, b in itertools.pairwise(shares)), shares
+        assert shares[-1] == 1.0 and 0 < shares[0] < 0.1

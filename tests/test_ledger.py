@@ -173,3 +173,24 @@ def test_unaccounted_bytes_count_for_admission_and_show_by_owner() -> None:
     ledger.set_unaccounted(0)  # the device gave it back
     assert not isinstance(ledger.try_reserve(Request("context:m", {"kv": 2 * GiB})), Denial)
     assert "unaccounted" not in ledger.snapshot()
+
+
+def test_a_live_shared_charge_is_granted_even_over_the_cap() -> None:
+    """What the device holds beyond the reservations may take the total past the cap; a
+    second holder of a live shared charge brings no new bytes and is still granted (the last
+    UNREGISTER of a model hands its weights to the keep-alive that way)."""
+    ledger = Ledger(100)
+    weights = Request("model:m", {"weights": 60}, key="weights:m")
+    got = ledger.try_reserve(weights)
+    assert not isinstance(got, Denial)
+    ledger.set_unaccounted(50)  # 110 of a 100-byte cap
+    again = ledger.try_reserve(weights)
+    assert not isinstance(again, Denial) and ledger.reserved == 110
+    assert isinstance(ledger.try_reserve(Request("agent:a", {"kv": 1})), Denial)
+
+
+def test_a_host_ledger_says_so() -> None:
+    denial = Ledger(10, host=True).try_reserve(Request("model:m", {"weights": 11}))
+    assert isinstance(denial, Denial)
+    error = denial.error()
+    assert error.details["reason"] == "HOST" and str(error).startswith("host RAM ledger denies")

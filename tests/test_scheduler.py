@@ -23,7 +23,7 @@ from lmxd.kvdisk import DiskTier
 from lmxd.kvstore import KvStore
 from lmxd.memory.device import DeviceInfo
 from lmxd.memory.estimator import Backend
-from lmxd.memory.ledger import Ledger
+from lmxd.memory.ledger import Ledger, Request
 from lmxd.memory.reconcile import Reconciler
 from lmxd.modelfile import ModelInfo, read_model_info
 from lmxd.results import DecodeResult, StopReason
@@ -38,6 +38,7 @@ from lmxd.scheduler import (
 )
 from lmxd.scheduler.devices import Device
 from lmxd.scheduler.residency import Residency, ResidencyConfig
+from lmxd.scheduler.slots import KEEPALIVE_HOLDER
 
 T = TypeVar("T")
 GiB = 1 << 30
@@ -1077,3 +1078,51 @@ def test_a_reload_with_more_layers_that_fails_goes_back_and_is_not_tried_again(
         assert again.restored and again.text == "x" * 8
 
     run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
+
+
+def test_the_host_ledger_makes_room_by_closing_idle_contexts(models_dir: Path) -> None:
+    """Host RAM is one for every device: a model whose host part fits only once idle contexts
+    close is admitted, and opening its context closes one (least recently used first), as the
+    device's ledger does."""
+    tiny = read_model_info(models_dir / "synth-tiny.gguf")
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await register(s, "g", "gemma3-270m")
+        await decode(s, "a")
+        await decode(s, "g")
+        host = s.room.host
+        assert host is not None
+        weights, context = _cuda_sizing().host_requests("m", tiny, 512, 1, tiny.n_layer + 1)
+        # Without counting what idle contexts give back, synth-tiny does not fit.
+        host.cap = host.reserved + weights.bytes + context.bytes - 1
+        await register(s, "x", "synth-tiny")
+        assert (await decode(s, "x")).text == "x" * 8
+        assert ("close", SMOL) in w.log  # the least recently used idle context
+        assert host.reserved <= host.cap
+        for slot in s.room.slots.values():
+            if slot.context is not None and slot.key != "synth-tiny":
+                await s.room.close_context(slot)
+        host.cap = host.reserved  # nothing more, and nothing idle left to close but x's
+        with pytest.raises(LedgerDenied) as refused:
+            await s.room.reserve_host(Request("context:y", {"kv": 1}), exclude=s.agents["x"].slot)
+        assert refused.value.details["reason"] == "HOST"
+
+    run(models_dir, test, caps=[16 * GiB], backend=Backend.CUDA, host_cap=16 * GiB)
+
+
+def test_the_last_agent_leaves_cleanly_while_the_device_is_over_its_cap(models_dir: Path) -> None:
+    """What a device holds beyond the ledger can take it past its cap; the last UNREGISTER
+    still hands the model's weights to its keep-alive, which brings no new bytes."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        await decode(s, "a")
+        ledger = s.room.devices[0].ledger
+        ledger.set_unaccounted(ledger.cap)
+        await s.unregister("a", 0)
+        slot = next(iter(s.room.slots.values()))
+        assert list(slot.weights) == [KEEPALIVE_HOLDER] and slot.unload_timer is not None
+        assert "model:smollm2-135m" in ledger.snapshot()
+
+    run(models_dir, test)

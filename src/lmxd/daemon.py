@@ -151,7 +151,10 @@ def host_ledger(limit: int | None) -> Ledger:
     to 90% of ``limit`` or of the memory available at the start, the smaller. Parked state
     has its own budget (--park-budget)."""
     available = probe_host().free
-    return Ledger(int(min(available, limit or available) * DEFAULT_CAP_PERCENT / 100), host=True)
+    cap = int(min(available, limit or available) * DEFAULT_CAP_PERCENT / 100)
+    if cap <= 0:
+        raise InvalidInput(f"--host-limit {limit} B leaves no host RAM for models", limit=limit)
+    return Ledger(cap, host=True)
 
 
 def assemble(config: DaemonConfig, on_stop: Callable[[], None]) -> Service:

@@ -92,6 +92,7 @@ OPTIONS = [
         "--partial/--no-partial",
         "partial",
         default=True,
+        show_default=True,
         help="A model too large for every device runs with as many layers on one as fit, the "
         "rest in host RAM (--no-partial: refused instead).",
     ),
@@ -108,6 +109,7 @@ OPTIONS = [
         "--op-offload/--no-op-offload",
         "op_offload",
         default=True,
+        show_default=True,
         help="Layers in host RAM: run their matrix products over batches of 32 tokens and more "
         "(prompts) on the GPU, copying their weights over as they go.",
     ),

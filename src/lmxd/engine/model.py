@@ -46,7 +46,6 @@ class Model:
         self.ptr = ptr
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
-        self.device_weight_bytes = int(llama_cpp.llama_model_size(ptr))
         template = llama_cpp.llama_model_chat_template(ptr, None)
         self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))

@@ -18,7 +18,7 @@ from lmxd.engine.context import Context, ContextParams
 from lmxd.engine.model import Model, ModelRegistry
 from lmxd.engine.runtime import Engine, Lane
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl, Stepper
-from lmxd.errors import LmxdError
+from lmxd.errors import EngineError, LmxdError
 from lmxd.kvstore import KvStore, ParkedState
 from lmxd.modelfile import ModelInfo
 
@@ -32,8 +32,6 @@ class ModelHandle(Protocol):
     def bos_text(self) -> str: ...
     @property
     def eos_text(self) -> str: ...
-    @property
-    def device_weight_bytes(self) -> int: ...
 
 
 class ContextHandle(Protocol):
@@ -118,7 +116,9 @@ class LlamaWorker:
         return await self.engine.lane(device).acall(load_)
 
     async def unload(self, model: ModelHandle) -> None:
-        await self._lane(model).acall(self._registry.release, _loaded(model))
+        assert isinstance(model, Model), "a model handle from another worker"
+        if model.ptr:  # one that failed to load back after a reload is freed already
+            await self.engine.lane(model.device).acall(self._registry.release, model)
 
     async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]:
         return await self._lane(model).acall(_loaded(model).tokenize, text, add_special)
@@ -209,4 +209,6 @@ def _opened(ctx: ContextHandle) -> _Open:
 
 def _loaded(model: ModelHandle) -> Model:
     assert isinstance(model, Model), "a model handle from another worker"
+    if not model.ptr:
+        raise EngineError(f"{model.path.name} is not loaded", path=str(model.path))
     return model

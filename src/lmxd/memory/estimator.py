@@ -166,11 +166,16 @@ def weight_bytes(info: ModelInfo, backend: Backend, n_gpu_layers: int = -1) -> t
 def decode_speed_share(info: ModelInfo, n_gpu_layers: int) -> float:
     """Estimated decode speed with ``n_gpu_layers`` on the GPU, as a share of the speed with
     all of them there: each step reads every weight once, those in host RAM HOST_SLOWDOWN
-    times slower (the input embeddings are only looked up, a row per token: not counted)."""
+    times slower (the input embeddings are only looked up, a row per token: not counted, but
+    where they are the output matrix too)."""
     device, host = weight_bytes(info, Backend.CUDA, n_gpu_layers)
-    host -= sum(
-        _pad(t.n_bytes, _TENSOR_ALIGN) for t in info.tensors if t.name == "token_embd.weight"
-    )
+    names = {t.name for t in info.tensors}
+    # With tied embeddings and the output layer off the device, token_embd is the output
+    # matrix too: read whole at every step.
+    if "output.weight" in names or layers_on_device(info, n_gpu_layers) > 0:
+        host -= sum(
+            _pad(t.n_bytes, _TENSOR_ALIGN) for t in info.tensors if t.name == "token_embd.weight"
+        )
     full, _ = weight_bytes(info, Backend.CUDA)
     return full / (device + HOST_SLOWDOWN * host)
 

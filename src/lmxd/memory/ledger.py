@@ -182,7 +182,9 @@ class Ledger:
         requested = sum(r.bytes for r in new)
         reserved = self._reserved()
         reclaimable = sum(self._charges[slot].bytes for slot in freed)
-        if reserved - reclaimable + requested <= self.cap:
+        # A request that brings no new bytes (a live shared charge) takes nothing: it is
+        # granted even while what the device holds beyond the reservations is over the cap.
+        if not new or reserved - reclaimable + requested <= self.cap:
             return None
         parts: dict[str, int] = {}
         for r in new:

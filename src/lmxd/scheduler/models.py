@@ -47,6 +47,15 @@ def _check_name(model: str) -> None:
         )
 
 
+def _same_file(slot: ModelSlot) -> bool:
+    """Whether ``slot``'s file is still the one it loaded (same size and modification time)."""
+    try:
+        stat = slot.path.stat()
+    except OSError:
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (slot.info.file_size, slot.info.mtime_ns)
+
+
 class Models:
     """Loads and unloads models for the scheduler (its asyncio task only)."""
 
@@ -130,15 +139,15 @@ class Models:
             if not victims:
                 raise got.error()
             await self.room.close_context(victims[0])
-        host = self.room.host
-        if host is None:
+        if self.room.host is None:
             return got[0], None
         request, _ = self.room.host_requests(key, info, KV_PAD, 1, where.n_gpu_layers)
-        held = host.try_reserve(request)
-        if isinstance(held, Denial):
+        try:
+            held = await self.room.reserve_host(request)
+        except LmxdError:
             device.ledger.release(got[0])
-            raise held.error()
-        return got[0], held[0]
+            raise
+        return got[0], held
 
     def _release(self, device: Device, got: tuple[Reservation, Reservation | None]) -> None:
         device.ledger.release(got[0])
@@ -157,6 +166,10 @@ class Models:
         device, if they fit now (its agents' KV parked first; the file's pages are in the OS
         cache, so the load is cheap). True if it was reloaded."""
         if not slot.all_idle or (layers := self.room.more_layers(slot)) is None:
+            return False
+        if not _same_file(slot):  # replaced or gone: it could not be loaded back
+            slot.may_grow = False
+            log.warning("reload of model=%s skipped: its file changed since it loaded", slot.key)
             return False
         before = slot.n_gpu_layers
         t0 = time.perf_counter()
@@ -177,9 +190,19 @@ class Models:
             log.error("reload of model=%s with %d layers failed: %s", slot.key, layers, exc)
             slot.may_grow = False
             where = Placement(slot.device, before, where.layers)
-            slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
+            try:
+                slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
+            except LmxdError as again:
+                # Not even that: its agents keep weights handles that charge nothing, and
+                # every use of the model fails (EngineError) until they go and it unloads.
+                log.error("model=%s could not be loaded back: %s", slot.key, again)
+                nothing = Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}")
+                held = slot.device.ledger.try_reserve(nothing)
+                assert not isinstance(held, Denial)  # no bytes
+                got = held[0], None
+        if where.n_gpu_layers > slot.n_gpu_layers:
+            slot.decode_tokens, slot.decode_s = 0, 0.0  # its speed measured anew
         slot.n_gpu_layers = where.n_gpu_layers
-        slot.decode_tokens, slot.decode_s = 0, 0.0  # its speed measured anew
         weights = self.room.weights_request(slot.key, slot.info, where.n_gpu_layers)
         slot.weights[holders[0]], slot.host_weights = got
         for holder in holders[1:]:

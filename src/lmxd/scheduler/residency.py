@@ -209,7 +209,8 @@ class Residency:
         if self.host is None:
             return
         requests = self.host_requests(key, info, n_ctx, 1, where.n_gpu_layers)
-        denial = self.host.fits(*requests)
+        idle = [s.context_host for s in self._idle_host_contexts()]
+        denial = self.host.fits(*requests, ignoring=[r for r in idle if r is not None])
         if denial is None:
             return
         on_device = self.weights_request(key, info, where.n_gpu_layers).bytes
@@ -316,11 +317,11 @@ class Residency:
         host: Reservation | None = None
         if self.host is not None:
             _, request = self.host_requests(slot.key, slot.info, n_ctx, n_seq, slot.n_gpu_layers)
-            got = self.host.try_reserve(request)
-            if isinstance(got, Denial):
+            try:
+                host = await self.reserve_host(request, exclude=slot)
+            except LmxdError:
                 slot.device.ledger.release(res)
-                raise got.error()
-            host = got[0]
+                raise
         params = ContextParams(
             n_ctx=n_ctx,
             n_seq_max=n_seq,
@@ -347,6 +348,23 @@ class Residency:
             res.bytes,
             (time.perf_counter() - t0) * 1000,
         )
+
+    async def reserve_host(self, request: Request, exclude: ModelSlot | None = None) -> Reservation:
+        """Reserve ``request`` in the host ledger, closing contexts whose agents are all idle
+        (on any device: host RAM is one) until it fits; LedgerDenied (reason HOST) if it does
+        not fit even then."""
+        assert self.host is not None
+        while isinstance(got := self.host.try_reserve(request), Denial):
+            victims = [s for s in self._idle_host_contexts() if s is not exclude]
+            if not victims:
+                raise got.error()
+            await self.close_context(victims[0])
+        return got[0]
+
+    def _idle_host_contexts(self) -> list[ModelSlot]:
+        """Open contexts holding host RAM whose agents are all idle, least recently used first."""
+        idle = [s for s in self.slots.values() if s.context_host is not None and s.all_idle]
+        return sorted(idle, key=lambda s: s.last_used)
 
     async def close_context(self, slot: ModelSlot, job: Job | None = None) -> None:
         """Park every resident agent of ``slot`` (all idle), then free its context."""

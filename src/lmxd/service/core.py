@@ -616,7 +616,7 @@ class Service:
                 model=slot.key,
                 path=str(slot.path),
                 refcount=len(slot.agents),
-                weights_bytes=slot.model.device_weight_bytes,
+                weights_bytes=next(iter(slot.weights.values())).bytes if slot.weights else 0,
                 context_bytes=slot.context_reservation.bytes if slot.context_reservation else 0,
                 n_seq=len(slot.seqs),
                 pool_cells=slot.pool_cells,
