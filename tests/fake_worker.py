@@ -65,6 +65,7 @@ class FakeWorker:
         self.fail_saves = False  # every copy out raises, as a failed one would
         self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
         self.most_layers: int | None = None  # loads with more layers fail, as out of memory
+        self.step_s_of: dict[str, float] = {}  # a step's time, by model file stem
 
     async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
         self.log.append(("load", path.stem))
@@ -118,7 +119,7 @@ class FakeWorker:
             live = [s for s in seqs if s in fake.replies and s not in control.paused]
             if not live:
                 break
-            await asyncio.sleep(self.step_s)
+            await asyncio.sleep(self.step_s_of.get(fake.name, self.step_s))
             pieces, ended = [], False
             for seq in live:
                 reply = fake.replies[seq]

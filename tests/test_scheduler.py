@@ -897,6 +897,44 @@ def test_models_on_two_devices_decode_at_the_same_time(models_dir: Path) -> None
     run(models_dir, test, caps=[16 * GiB, 16 * GiB])
 
 
+def test_a_device_starts_its_next_slice_without_waiting_for_the_other(models_dir: Path) -> None:
+    """Device 0's model steps five times slower than device 1's: while device 0 runs one
+    slice, device 1 runs its four, back to back (each device at its own pace)."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m")
+        await register(s, "b", "gemma3-270m")
+        assert (_device_of(s, "a"), _device_of(s, "b")) == (0, 1)
+        await asyncio.gather(decode(s, "a"), decode(s, "b"))  # both warm
+        w.log.clear()
+        w.step_s_of = {SMOL: 0.010, GEMMA: 0.002}
+        await asyncio.gather(decode(s, "a", 16), decode(s, "b", 64))  # 1 slice, and 4
+        runs = [e[:2] for e in w.log if e[0] in ("run", "ran")]
+        slow_ends = runs.index(("ran", SMOL))
+        assert runs[:slow_ends].count(("ran", GEMMA)) == 4, runs
+
+    run(models_dir, test, caps=[16 * GiB, 16 * GiB])
+
+
+def test_an_operation_waits_for_one_slice_at_most(models_dir: Path) -> None:
+    """A turn runs several slices while nobody waits; a REGISTER arriving meanwhile gets the
+    lock as soon as the slice in flight ends, not after the turn's other slices."""
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a")
+        long = asyncio.ensure_future(decode(s, "a", 2000))
+        await asyncio.sleep(0.05)
+        before = len(w.log)
+        await register(s, "c")
+        started = [e for e in w.log[before:] if e[0] == "run"]
+        assert len(started) <= 1, started
+        assert not long.done()
+        s.cancel(s.agents["a"].jobs[0])
+        await long
+
+    run(models_dir, test)
+
+
 # -- partial placement (issue #12) -------------------------------------------------------------
 
 

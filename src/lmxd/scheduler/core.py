@@ -1,14 +1,15 @@
 """The scheduler: owns agents, models and the queue, and decides every step.
 
-One asyncio task runs :meth:`Scheduler.run`. Each turn it picks, on each device, the next
-model with work (round robin among that device's models), admits those models' queued jobs
-whose agents can be made resident (one model after the other), and runs a slice of steps of
-each at once, each on its device's engine lane: one ``llama_decode`` per step over one batch in
-which every active agent of the model has one entry (a prompt chunk, or its last sampled
-token). Models of a device take turns a slice at a time, so agents of one model never starve
-the others; models on different devices decode at the same time. The engine's stepper executes the
-slice with plain values in and out (sequence ids in; per sequence, the tokens it gained and its
-reply once ended); this module applies what comes back. Nothing here blocks on llama.cpp.
+One asyncio task runs :meth:`Scheduler.run`. Each turn, on each device, it picks the next model
+with work (round robin among that device's models), admits its queued jobs whose agents can be
+made resident, and runs a slice of steps of it on the device's engine lane: one
+``llama_decode`` per step over one batch in which every active agent of the model has one entry
+(a prompt chunk, or its last sampled token); then the device's next model, up to a few slices
+per turn. Models of a device take turns a slice at a time, so agents of one model never starve
+the others; devices run their slices at the same time, each at its own pace. The engine's
+stepper executes the slice with plain values in and out (sequence ids in; per sequence, the
+tokens it gained and its reply once ended); this module applies what comes back. Nothing here
+blocks on llama.cpp.
 
 Everything that touches the engine (steps, REGISTER, RESET, UNREGISTER) holds ``self._lock``,
 so none of it interleaves with a step.
@@ -45,6 +46,7 @@ from lmxd.scheduler.agents import Activity, Agent, Memory
 from lmxd.scheduler.endings import Endings
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
+from lmxd.scheduler.oplock import OpLock
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.scheduler.steps import begin, tokenize
@@ -55,6 +57,8 @@ _GATHER_YIELDS = 4  # loop turns; each costs microseconds
 # client often sends its next request within milliseconds of a reply (a tool call, the next
 # step of a plan), and that request would wait for the copy.
 _WRITE_AHEAD_AFTER_S = 0.05
+# Slices of steps one device may run in a turn while no operation waits for the lock.
+_SLICES_PER_TURN = 8
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ class Scheduler:
         self.room = room
         self.config = config
         self.agents: dict[str, Agent] = {}
-        self._lock = asyncio.Lock()
+        self._lock = OpLock()
+        self._preparing = asyncio.Lock()  # one slice's preparation at a time (_chain)
         self._wake = asyncio.Event()
         self.models = Models(
             worker,
@@ -90,7 +95,7 @@ class Scheduler:
             self._lock,
             self._wake.set,
         )
-        self._turn = 0  # round-robin position over models
+        self._turns: dict[int, int] = {}  # round-robin position over each device's models
         self.endings = Endings(worker, self._wake.set)
 
     # -- operations (called by the service) --------------------------------------------------
@@ -305,11 +310,10 @@ class Scheduler:
             for _ in range(_GATHER_YIELDS):
                 await asyncio.sleep(0)
             still = 0  # turns in a row in which no model could do anything
-            while slots := self._next_slots():
+            while devices := self._devices_with_work():
                 async with self._lock:
-                    self.reconcile()  # admission in this turn counts what the devices hold
                     try:
-                        moved = await self._turn_of(slots)
+                        moved = await self._turn(devices)
                     finally:
                         self.endings.send()
                 # Every model waits (for a stream to be read, for room): nothing moves until
@@ -346,31 +350,51 @@ class Scheduler:
                     break
         await self._wake.wait()
 
-    def _next_slots(self) -> list[ModelSlot]:
-        """The next model with work on each device, round robin among a device's models."""
-        by_device: dict[int, list[ModelSlot]] = {}
-        for slot in self.room.slots.values():
-            if slot.has_work:
-                by_device.setdefault(slot.device.index, []).append(slot)
-        self._turn += 1
-        return [models[self._turn % len(models)] for models in by_device.values()]
+    def _devices_with_work(self) -> list[int]:
+        return sorted({s.device.index for s in self.room.slots.values() if s.has_work})
 
-    async def _turn_of(self, slots: list[ModelSlot]) -> bool:
-        """One turn of each of ``slots`` (one model per device): their admissions one after
-        the other, then their slices of steps at once, each on its device's engine lane, so
-        that two GPUs decode at the same time. False if nothing could be done."""
+    def _next_slot(self, device: int) -> ModelSlot | None:
+        """The next model with work on ``device``, round robin among its models."""
+        models = [s for s in self.room.slots.values() if s.has_work and s.device.index == device]
+        if not models:
+            return None
+        self._turns[device] = self._turns.get(device, 0) + 1
+        return models[self._turns[device] % len(models)]
+
+    async def _turn(self, devices: list[int]) -> bool:
+        """One turn: on each of ``devices``, up to _SLICES_PER_TURN slices of its models,
+        round robin. The devices' chains of slices run at once, each on its device's engine
+        lane, and a device starts its next slice as soon as its own last one ends, not when
+        the other devices' do (with one slice per device per turn, each waited for the
+        slowest). A chain ends early once an operation
+        waits for the lock, so REGISTER, RESET and UNREGISTER still wait for one slice at
+        most. False if nothing could be done."""
+        return any(await asyncio.gather(*(self._chain(device) for device in devices)))
+
+    async def _chain(self, device: int) -> bool:
         moved = False
-        steps = []
-        for slot in slots:
-            try:
-                admitted, active = await self._prepare(slot)
-            except Exception as exc:  # a bug must not take the daemon down with it
-                self._failed(slot, exc)
-                admitted, active = True, []
-            moved = moved or admitted or bool(active)
+        for _ in range(_SLICES_PER_TURN):
+            slot = self._next_slot(device)
+            if slot is None:
+                break
+            # Admissions, parks and restores one at a time, whichever device they are for:
+            # they share the park budget, the disk tier and the host ledger; another
+            # device's slice of steps may run meanwhile.
+            async with self._preparing:
+                slot.device.reconcile()  # admission counts what the device holds
+                try:
+                    admitted, active = await self._prepare(slot)
+                except Exception as exc:  # a bug must not take the daemon down with it
+                    self._failed(slot, exc)
+                    admitted, active = True, []
             if active:
-                steps.append(self._step_guarded(slot, active))
-        await asyncio.gather(*steps)
+                await self._step_guarded(slot, active)
+            self.endings.send()
+            if not (admitted or active):
+                break
+            moved = True
+            if self._lock.waiting:
+                break
         return moved
 
     async def _step_guarded(self, slot: ModelSlot, active: list[Agent]) -> None:

@@ -25,6 +25,7 @@ from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
 from lmxd.memory.ledger import Denial, Request, Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.devices import Device, Placement
+from lmxd.scheduler.oplock import OpLock
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
@@ -66,7 +67,7 @@ class Models:
         models_dir: Path,
         allowed_dirs: tuple[Path, ...],
         keep_alive_s: float,
-        lock: asyncio.Lock,  # the scheduler's: an expired keep-alive unloads under it
+        lock: OpLock,  # the scheduler's: an expired keep-alive unloads under it
         freed: Callable[[], None],  # wakes the scheduler: a job may wait for this memory
     ) -> None:
         self.worker = worker
