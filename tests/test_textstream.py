@@ -36,11 +36,26 @@ def test_false_start_is_released() -> None:
 def test_output_is_the_text_up_to_the_first_stop(
     text: str, cuts: list[int], stops: list[str]
 ) -> None:
+    """The output ends at the first piece after which a stop string has appeared, cut where
+    the earliest of those found starts: as generation ends there, a longer stop string that
+    began earlier but has not been generated whole by then does not count."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    expected, seen = text, ""
+    for piece in pieces:
+        seen += piece
+        hits = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        if hits:
+            expected = seen[: min(hits)]
+            break
     assert feed_all(StopMatcher(stops), pieces) == expected
+
+
+def test_a_stop_generated_whole_ends_the_text_before_a_longer_one_begun_earlier() -> None:
+    # "S" is complete after the first piece; "OSO", which began one character earlier,
+    # would need the next one
+    assert feed_all(StopMatcher(["S", "OSO"]), ["OS", "O"]) == "O"
+    assert feed_all(StopMatcher(["S", "OSO"]), ["OSO"]) == ""
 
 
 @given(st.text(max_size=40), st.lists(st.integers(0, 200), max_size=8))
