@@ -182,9 +182,9 @@ class Ledger:
         requested = sum(r.bytes for r in new)
         reserved = self._reserved()
         reclaimable = sum(self._charges[slot].bytes for slot in freed)
-        # A request that brings no new bytes (a live shared charge) takes nothing: it is
+        # Requests that bring no new bytes (a live shared charge) take nothing: they are
         # granted even while what the device holds beyond the reservations is over the cap.
-        if not new or reserved - reclaimable + requested <= self.cap:
+        if requested == 0 or reserved - reclaimable + requested <= self.cap:
             return None
         parts: dict[str, int] = {}
         for r in new:
