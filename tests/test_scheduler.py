@@ -38,7 +38,7 @@ from lmxd.scheduler import (
 )
 from lmxd.scheduler.devices import Device
 from lmxd.scheduler.residency import Residency, ResidencyConfig
-from lmxd.scheduler.slots import KEEPALIVE_HOLDER
+from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
 T = TypeVar("T")
 GiB = 1 << 30
@@ -1039,25 +1039,35 @@ def test_refused_with_each_devices_numbers_when_not_even_no_layers_fit(models_di
     run(models_dir, test, caps=caps, backend=Backend.CUDA, host_cap=16 * GiB)
 
 
+def _room_for_gemma_and_half_smollm2(models_dir: Path) -> int:
+    """A device for Gemma whole, or SmolLM2 whole and Gemma in part."""
+    gemma = read_model_info(models_dir / f"{GEMMA}.gguf")
+    smol = read_model_info(models_dir / f"{SMOL}.gguf")
+    return _device_need(gemma, gemma.n_layer + 1) + _device_need(smol, smol.n_layer + 1) // 2
+
+
+async def _gemma_partly_beside_smollm2(s: Scheduler) -> ModelSlot:
+    """Agent ``a`` of SmolLM2, then agent ``g`` of Gemma, placed partially; one turn each."""
+    await register(s, "a", "smollm2-135m")
+    await decode(s, "a")
+    await register(s, "g", "gemma3-270m")
+    slot = s.agents["g"].slot
+    assert 0 < slot.n_gpu_layers <= slot.info.n_layer
+    await decode(s, "g")
+    return slot
+
+
 def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
     models_dir: Path,
 ) -> None:
     """SmolLM2 holds part of the device, so Gemma gets only some layers. SmolLM2's agent
     leaves while Gemma's decodes: Gemma keeps its layers until its reply ends, then is
     reloaded with all of them, and its agent's conversation goes on from its parked KV."""
-    info = read_model_info(models_dir / f"{GEMMA}.gguf")
-    smol = read_model_info(models_dir / f"{SMOL}.gguf")
-    layers = info.n_layer + 1
-    cap = _device_need(info, layers) + _device_need(smol, smol.n_layer + 1) // 2
+    layers = read_model_info(models_dir / f"{GEMMA}.gguf").n_layer + 1
 
     async def test(s: Scheduler, w: FakeWorker) -> None:
-        await register(s, "a", "smollm2-135m")
-        await decode(s, "a")
-        await register(s, "g", "gemma3-270m")
-        slot = s.agents["g"].slot
+        slot = await _gemma_partly_beside_smollm2(s)
         before = slot.n_gpu_layers
-        assert 0 < before < layers
-        await decode(s, "g")
         long = asyncio.ensure_future(decode(s, "g", 400))
         await asyncio.sleep(0.05)
         await s.unregister("a", 0)  # keep-alive 0: SmolLM2 unloads, its room is free
@@ -1081,26 +1091,19 @@ def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
         ledger = s.room.devices[0].ledger
         assert (
             ledger.snapshot()["model:gemma3-270m"]
-            == _cuda_sizing().weights_request("m", info, layers).bytes
+            == _cuda_sizing().weights_request("m", slot.info, layers).bytes
         )
 
+    cap = _room_for_gemma_and_half_smollm2(models_dir)
     run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
 
 
 def test_a_reload_with_more_layers_that_fails_goes_back_and_is_not_tried_again(
     models_dir: Path,
 ) -> None:
-    info = read_model_info(models_dir / f"{GEMMA}.gguf")
-    smol = read_model_info(models_dir / f"{SMOL}.gguf")
-    cap = _device_need(info, info.n_layer + 1) + _device_need(smol, smol.n_layer + 1) // 2
-
     async def test(s: Scheduler, w: FakeWorker) -> None:
-        await register(s, "a", "smollm2-135m")
-        await decode(s, "a")
-        await register(s, "g", "gemma3-270m")
-        slot = s.agents["g"].slot
+        slot = await _gemma_partly_beside_smollm2(s)
         before = slot.n_gpu_layers
-        await decode(s, "g")
         w.most_layers = before  # llama.cpp will fail to load it with more
         await s.unregister("a", 0)
         for _ in range(100):
@@ -1115,6 +1118,7 @@ def test_a_reload_with_more_layers_that_fails_goes_back_and_is_not_tried_again(
         again = await decode(s, "g")
         assert again.restored and again.text == "x" * 8
 
+    cap = _room_for_gemma_and_half_smollm2(models_dir)
     run(models_dir, test, caps=[cap], backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
 
 

@@ -50,10 +50,6 @@ class Placement:
     n_gpu_layers: int
     layers: int
 
-    @property
-    def partial(self) -> bool:
-        return self.n_gpu_layers < self.layers
-
 
 def most_layers(layers: int, denial_with: Callable[[int], Denial | None]) -> int | None:
     """The largest n_gpu_layers below ``layers`` for which ``denial_with`` gives no denial
