@@ -42,6 +42,7 @@ from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
 T = TypeVar("T")
 GiB = 1 << 30
+SMOL, GEMMA = "SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"  # the model files' stems
 
 
 def run(
@@ -104,6 +105,21 @@ async def decode(s: Scheduler, agent: str, max_tokens: int = 8) -> DecodeResult:
     return await s.submit(DecodeRequest(agent, TextPrompt(" hi"), max_tokens)).done
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for a state of the scheduler that a test needs before it goes on: a fixed sleep
+    is too short on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.001)
+
+
+def ran(w: FakeWorker, model: str, since: int) -> bool:
+    """Whether a slice of ``model`` ended after the log's first ``since`` entries: every job
+    it stepped has a token."""
+    return ("ran", model) in w.log[since:]
+
+
 def test_agents_of_one_model_share_steps(models_dir: Path) -> None:
     async def test(s: Scheduler, w: FakeWorker) -> list[tuple[str, ...]]:
         for name in ("a", "b"):
@@ -125,7 +141,7 @@ def test_the_least_recently_used_idle_agent_is_parked_never_a_decoding_one(
         await decode(s, "a")
         await decode(s, "b")  # both resident now; a used longer ago
         busy = s.submit(DecodeRequest("b", TextPrompt(" more"), 200))
-        await asyncio.sleep(0.02)  # b decoding
+        await until(lambda: s.agents["b"].state == "decoding")
         result = await decode(s, "c")
         assert result.parked == ["a"]
         assert s.agents["a"].state == "parked"
@@ -153,7 +169,7 @@ def test_a_waiting_agent_is_seated_before_busy_agents_take_their_next_turn(
             await register(s, name)
         done: list[str] = []
         clients = [asyncio.create_task(busy_client(s, n, 5, done)) for n in ("a", "b")]
-        await asyncio.sleep(0.005)  # a and b hold both sequences
+        await until(lambda: all(s.agents[n].state == "decoding" for n in ("a", "b")))
         await decode(s, "c", max_tokens=20)
         done.append("c")
         await asyncio.gather(*clients)
@@ -210,9 +226,10 @@ def test_models_take_turns_a_slice_at_a_time(models_dir: Path) -> None:
 def test_cancel_a_queued_and_a_running_job(models_dir: Path) -> None:
     async def test(s: Scheduler, w: FakeWorker) -> None:
         await register(s, "a")
+        mark = len(w.log)
         running = s.submit(DecodeRequest("a", TextPrompt(" go"), 10_000))
         queued = s.submit(DecodeRequest("a", TextPrompt(" next"), 10))
-        await asyncio.sleep(0.02)
+        await until(lambda: ran(w, SMOL, mark))
         s.cancel(queued)
         s.cancel(running)
         first, second = await running.done, await queued.done
@@ -305,8 +322,9 @@ def test_restore_step_and_park_of_one_agent_each_wait_for_another_models_slice(
         await register(s, "streamer")
         await register(s, "big", "gemma3-270m")
         await decode(s, "big")  # then parked (forced)
+        mark = len(w.log)
         streaming = s.submit(DecodeRequest("streamer", TextPrompt(" go"), 2000))
-        await asyncio.sleep(0.02)
+        await until(lambda: ran(w, SMOL, mark))
         start = len(w.log)
         result = await decode(s, "big", max_tokens=1)
         assert result.restored and s.agents["big"].state == "parked"
@@ -765,8 +783,6 @@ def test_a_spilled_agent_reset_or_unregistered_leaves_no_file(
 
 # -- several devices ---------------------------------------------------------------------------
 
-SMOL, GEMMA = "SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"
-
 
 def _need(models_dir: Path, name: str, n_ctx: int = 512) -> int:
     """Bytes a model's weights and one agent's context of ``n_ctx`` take in a ledger."""
@@ -1075,11 +1091,8 @@ def test_a_partial_model_gets_more_layers_when_room_frees_never_while_decoding(
         assert slot.n_gpu_layers == before and not long.done()  # not while decoding
         result = await long
         assert result.generated_tokens == 400 and slot.n_gpu_layers == before
-        for _ in range(100):
-            if slot.n_gpu_layers == layers:
-                break
-            await asyncio.sleep(0.01)
-        assert slot.n_gpu_layers == layers and not slot.partial
+        await until(lambda: slot.n_gpu_layers == layers)
+        assert not slot.partial
         assert slot.model.n_gpu_layers == layers  # type: ignore[attr-defined]
         assert [e for e in w.log if e[:2] == ("unload", GEMMA)]
         held = len(s.agents["g"].tokens)
@@ -1106,11 +1119,8 @@ def test_a_reload_with_more_layers_that_fails_goes_back_and_is_not_tried_again(
         before = slot.n_gpu_layers
         w.most_layers = before  # llama.cpp will fail to load it with more
         await s.unregister("a", 0)
-        for _ in range(100):
-            if not slot.may_grow:
-                break
-            await asyncio.sleep(0.01)
-        assert not slot.may_grow and slot.n_gpu_layers == before
+        await until(lambda: not slot.may_grow)
+        assert slot.n_gpu_layers == before
         loads = [e for e in w.log if e == ("load", GEMMA)]
         assert len(loads) == 3  # the first, the one that failed, and back as it was
         await asyncio.sleep(0.3)  # idle again: no more tries
