@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmxd.engine.context import ContextParams, StateLayout
+from lmxd.engine.model import Split
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl
 from lmxd.engine.worker import ContextHandle, ModelHandle
 from lmxd.errors import EngineError, InvalidInput
@@ -66,9 +67,13 @@ class FakeWorker:
         self.fail_restores = False  # every copy in raises, as llama.cpp refusing a state would
         self.most_layers: int | None = None  # loads with more layers fail, as out of memory
         self.step_s_of: dict[str, float] = {}  # a step's time, by model file stem
+        self.splits: dict[str, Split] = {}  # each model's split over devices, as last loaded
 
-    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
+    async def load(
+        self, path: Path, device: int, n_gpu_layers: int, split: Split = ()
+    ) -> ModelHandle:
         self.log.append(("load", path.stem))
+        self.splits[path.stem] = split
         if self.most_layers is not None and n_gpu_layers > self.most_layers:
             raise EngineError(f"the fake engine loads at most {self.most_layers} layers")
         return FakeModel(read_model_info(path), device=device, n_gpu_layers=n_gpu_layers)

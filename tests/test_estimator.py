@@ -105,6 +105,36 @@ def test_every_split_accounts_for_every_byte_once(smollm2: Path, gemma3: Path) -
         assert estimate(info, 2048, 2, backend=Backend.CUDA, n_gpu_layers=0).kv == 0
 
 
+def test_a_split_by_layer_gives_each_device_its_layers_and_a_compute_buffer(
+    smollm2: Path, gemma3: Path
+) -> None:
+    """Split over devices at any cut, the shares' weights and KV add up to the whole model's
+    on one device; the output layer's (and tied embeddings' copy) go with the last share;
+    each device gets the whole compute buffer, none staged for host layers; the host keeps
+    what it keeps at full offload."""
+    for path in (smollm2, gemma3):
+        info = read_model_info(path)
+        layers = info.n_layer + 1
+        whole = estimate(info, 2048, 2, backend=Backend.CUDA)
+        for cut in (1, layers // 2, layers - 1):
+            first, last = (
+                estimate(info, 2048, 2, backend=Backend.CUDA, span=span)
+                for span in (range(cut), range(cut, layers))
+            )
+            assert first.weights + last.weights == whole.weights
+            assert first.kv + last.kv == whole.kv and first.kv > 0
+            assert first.compute == last.compute == whole.compute
+            for share in (first, last):
+                assert (share.weights_host, share.kv_host, share.compute_host) == (
+                    whole.weights_host,
+                    0,
+                    0,
+                )
+        output_only = weight_bytes(info, Backend.CUDA, span=range(info.n_layer, layers))[0]
+        blocks = weight_bytes(info, Backend.CUDA, span=range(info.n_layer))[0]
+        assert output_only + blocks == whole.weights and output_only > 0
+
+
 @pytest.mark.parametrize("n_ctx", [0, -1, 8193, 10**9])
 def test_bad_n_ctx(smollm2: Path, n_ctx: int) -> None:
     with pytest.raises(ContextSizeError) as exc:

@@ -360,3 +360,40 @@ def test_partial_placement_keeps_greedy_output_and_the_cap_at_every_split() -> N
     assert placed[0] == layers and placed[-1] == 0
     assert placed == sorted(placed, reverse=True) and 0 < placed[2] < placed[1] < layers
     assert all(t == texts[0] for t in texts), texts
+
+
+@pytest.mark.skipif(len(probe_devices()) < 2, reason="needs two GPUs")
+def test_a_model_too_large_for_either_gpu_is_split_over_both_with_the_same_greedy_text() -> None:
+    """The Llama-3.2-1B shape with room for 70% of it (beyond the CUDA context) on each of
+    two devices: it is split over both by layer, no layer left in host RAM; each device's
+    NVML peak holds its share's weights and stays under its cap; the greedy text is the one
+    it gives whole on one device."""
+    from lmxd.bench.offload import N_CTX, budget_for
+    from lmxd.memory.estimator import CUDA_OVERHEAD
+    from lmxd.modelfile import read_model_info
+
+    info = read_model_info(catalog.resolve_model("synth-llama3.2-1b", catalog.models_dir()))
+    layers = info.n_layer + 1
+    full = budget_for(info, layers)
+    room = CUDA_OVERHEAD + (full - CUDA_OVERHEAD) * 7 // 10
+    texts = []
+    for limit in (["--devices", "0", "--vram-limit", f"{full}B"], ["--vram-limit", f"{room}B"]):
+        d = Daemon(*limit, "--vram-cap-percent", "100", "--max-seqs", "1")
+        try:
+            w = d.wire()
+            with PeakSampler(d.pid, index=0) as zero, PeakSampler(d.pid, index=1) as one:
+                got = w.ok("REGISTER", agent="a", model="synth-llama3.2-1b", n_ctx=N_CTX)
+                r = w.ok("DECODE", agent="a", prompt=" 1, 2, 3, 4," * 200, max_tokens=48)
+                status = w.ok("STATUS")
+            print(f"\n{limit}: {got['devices']} NVML peaks {zero.peak} {one.peak}")
+            assert got["n_gpu_layers"] == layers
+            texts.append(r["text"])
+        finally:
+            assert d.stop() == 0, d.log()
+    assert [s["device"] for s in got["devices"]] == [0, 1]
+    assert sum(s["n_gpu_layers"] for s in got["devices"]) == layers
+    for entry, sampler in zip(status["devices"], (zero, one), strict=True):
+        ledger = entry["ledger"]
+        assert ledger["cap"] == room
+        assert ledger["by_model"]["synth-llama3.2-1b"]["weights"] <= sampler.peak < room
+    assert texts[0] == texts[1], texts

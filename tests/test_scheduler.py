@@ -17,6 +17,7 @@ from typing import TypeVar
 import pytest
 from fake_worker import REFUSED, FakeWorker
 
+from lmxd.engine.context import KV_PAD
 from lmxd.engine.sampling import SamplingParams
 from lmxd.errors import Busy, InvalidInput, LedgerDenied, ParkBudgetExceeded
 from lmxd.kvdisk import DiskTier
@@ -41,7 +42,7 @@ from lmxd.scheduler.residency import Residency, ResidencyConfig
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
 
 T = TypeVar("T")
-GiB = 1 << 30
+GiB, MiB = 1 << 30, 1 << 20
 SMOL, GEMMA = "SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"  # the model files' stems
 
 
@@ -443,7 +444,7 @@ def test_kv_is_charged_by_use_and_grows_when_a_conversation_needs_more(models_di
         await asyncio.gather(decode(s, "a", 100), decode(s, "b", 100))
         slot = s.agents["a"].slot
         assert slot.stream_cells == 256 and slot.pool_cells == 512
-        charged = slot.context_reservation.bytes if slot.context_reservation else 0
+        charged = sum(r.bytes for r in slot.context_reservation or ())
         full = s.room.context_request(slot.key, slot.info, 4096, 2).bytes
         assert charged < full / 4  # KV 1/16, compute buffers less
         long = await s.submit(DecodeRequest("a", TextPrompt(" more" * 100), 200)).done
@@ -973,14 +974,15 @@ def _most_that_fit(info: ModelInfo, cap: int) -> int:
 def test_a_model_too_large_for_every_device_gets_the_most_layers_that_fit(
     models_dir: Path,
 ) -> None:
-    """Gemma fits whole on neither device: it goes where the most of its layers fit, with
-    that many (the same count as trying each), its host part charged to the host ledger;
-    its agent decodes; the host ledger's charges go when it unloads."""
+    """Gemma fits whole on neither device, nor split over both (device 0 holds none of its
+    layers but a few blocks): it goes where the most of its layers fit, with that many (the
+    same count as trying each), its host part charged to the host ledger; its agent
+    decodes; the host ledger's charges go when it unloads."""
     info = read_model_info(models_dir / f"{GEMMA}.gguf")
     layers = info.n_layer + 1
-    caps = [_device_need(info, 3), _device_need(info, layers // 2) + 1]
+    caps = [_device_need(info, 0) + 8 * MiB, _device_need(info, layers // 2) + 1]
     expected = _most_that_fit(info, caps[1])
-    assert expected == layers // 2 and _most_that_fit(info, caps[0]) == 3
+    assert expected == layers // 2 and _most_that_fit(info, caps[0]) == 0
 
     async def test(s: Scheduler, w: FakeWorker) -> None:
         await register(s, "g", "gemma3-270m")
@@ -999,6 +1001,123 @@ def test_a_model_too_large_for_every_device_gets_the_most_layers_that_fit(
         assert host.reserved == 0 and s.room.devices[1].ledger.reserved == 0
 
     run(models_dir, test, caps=caps, backend=Backend.CUDA, host_cap=16 * GiB, keep_alive_s=0)
+
+
+def _split_need(info: ModelInfo, span: range, n_ctx: int = 512) -> int:
+    """Device bytes of ``span``'s layers of a model split by layer, and one context's."""
+    sizing, layers = _cuda_sizing(), info.n_layer + 1
+    weights = sizing.weights_request("m", info, layers, span).bytes
+    return weights + sizing.context_request("m", info, n_ctx, 1, layers, span).bytes
+
+
+def test_a_model_too_large_for_each_device_is_split_over_them_by_layer(models_dir: Path) -> None:
+    """Gemma fits whole on neither device, but split over both: device 0 takes the most of
+    its first layers that fit (the same count as trying each), device 1 the rest with the
+    output layer. Each ledger is charged its share, llama.cpp is asked for that split, host
+    RAM holds only what it holds at full offload; an agent is parked and restored across
+    both; both ledgers and the host's are empty once the model unloads."""
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    layers = info.n_layer + 1
+    caps = [_device_need(info, 3), _device_need(info, layers // 2) + 1]
+    first = max(k for k in range(layers) if _split_need(info, range(k)) <= caps[0])
+    assert 0 < first < layers and _split_need(info, range(first, layers)) <= caps[1]
+    spans = (range(first), range(first, layers))
+    sizing = _cuda_sizing()
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        for name in ("g", "h"):
+            await register(s, name, "gemma3-270m")
+        slot = s.agents["g"].slot
+        assert [(sh.device.index, sh.span) for sh in slot.placement.shares] == [
+            (0, spans[0]),
+            (1, spans[1]),
+        ]
+        assert not slot.partial and slot.n_gpu_layers == layers
+        assert w.splits[GEMMA] == ((0, first), (1, layers - first))
+        assert (await decode(s, "g")).text == "x" * 8
+        for device, span in zip(s.room.devices, spans, strict=True):
+            charged = device.ledger.snapshot()
+            weights = sizing.weights_request("m", info, layers, span)
+            context = sizing.context_request("m", info, slot.stream_cells, 1, layers, span)
+            assert charged["model:gemma3-270m"] == weights.bytes
+            assert charged["context:gemma3-270m"] == context.bytes
+        host = s.room.host
+        assert host is not None
+        weights, _ = sizing.host_requests("m", info, 512, 1, layers)
+        assert host.snapshot()["model:gemma3-270m"] == weights.bytes
+        assert (await decode(s, "h")).parked == ["g"]  # one sequence
+        again = await decode(s, "g")
+        assert again.restored and again.parked == ["h"]
+        for name in ("g", "h"):
+            await s.unregister(name, 0)
+        assert [d.ledger.reserved for d in s.room.devices] == [0, 0] and host.reserved == 0
+
+    run(
+        models_dir,
+        test,
+        caps=caps,
+        backend=Backend.CUDA,
+        host_cap=16 * GiB,
+        keep_alive_s=0,
+        max_seqs=1,
+    )
+
+
+def test_a_split_model_and_another_make_room_for_each_other_on_the_device_they_share(
+    models_dir: Path,
+) -> None:
+    """SmolLM2 on device 1, then Gemma split over both: device 1 holds both models' weights
+    and one context of the two. Gemma's context takes SmolLM2's room there (its agent
+    parked), then SmolLM2's takes Gemma's back, which closes on both devices."""
+    gemma = read_model_info(models_dir / f"{GEMMA}.gguf")
+    smol = read_model_info(models_dir / f"{SMOL}.gguf")
+    layers, sizing = gemma.n_layer + 1, _cuda_sizing()
+    cap0 = _device_need(gemma, 3)
+    first = max(k for k in range(layers) if _split_need(gemma, range(k), KV_PAD) <= cap0)
+    span = range(first, layers)
+    weights = sizing.weights_request("m", gemma, layers, span).bytes
+    weights += sizing.weights_request("m", smol).bytes
+    contexts = [
+        sizing.context_request("m", gemma, KV_PAD, 1, layers, span).bytes,
+        sizing.context_request("m", smol, KV_PAD, 1).bytes,
+    ]
+    assert min(contexts) > MiB
+    cap1 = weights + max(contexts) + MiB
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "a", "smollm2-135m", n_ctx=KV_PAD)
+        assert s.agents["a"].slot.device.index == 1
+        await decode(s, "a")
+        await register(s, "g", "gemma3-270m", n_ctx=KV_PAD)
+        split = s.agents["g"].slot.placement
+        assert [(sh.device.index, sh.span) for sh in split.shares] == [(0, range(first)), (1, span)]
+        assert (await decode(s, "g")).parked == ["a"]
+        assert (await decode(s, "a")).parked == ["g"] and s.agents["g"].slot.context is None
+        assert all("context:gemma3-270m" not in d.ledger.snapshot() for d in s.room.devices)
+        assert (await decode(s, "g")).restored
+
+    run(models_dir, test, caps=[cap0, cap1], backend=Backend.CUDA, host_cap=16 * GiB)
+
+
+def test_refused_with_each_devices_numbers_when_not_even_a_split_fits(models_dir: Path) -> None:
+    """With --no-partial, a model that fits neither whole on a device nor split over them
+    is refused with each device's numbers for the whole model."""
+    info = read_model_info(models_dir / f"{GEMMA}.gguf")
+    full = _device_need(info, info.n_layer + 1)
+    caps = [_device_need(info, 0) + 8 * MiB, _device_need(info, info.n_layer // 2)]
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        with pytest.raises(LedgerDenied) as refused:
+            await register(s, "g", "gemma3-270m")
+        details = refused.value.details
+        assert details["reason"] == "CAP"
+        assert [(d["device"], d["requested_bytes"]) for d in details["devices"]] == [
+            (0, full),
+            (1, full),
+        ]
+        assert not [e for e in w.log if e[0] == "load"]
+
+    run(models_dir, test, caps=caps, backend=Backend.CUDA, host_cap=16 * GiB, partial=False)
 
 
 def test_no_partial_keeps_all_or_nothing(models_dir: Path) -> None:

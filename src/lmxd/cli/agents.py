@@ -260,6 +260,16 @@ def ago(when: float | None) -> str:
     return f"{seconds / 3600:.0f} h ago"
 
 
+def layers_shown(model: dict[str, Any]) -> str:
+    """A loaded model's layers on the GPU as MODELS gives them: "17 of 17", and where it is
+    split over devices, each device's ("17 of 17: 9 on 0, 8 on 1")."""
+    shown = f"{model.get('n_gpu_layers', '?')} of {model.get('layers', '?')}"
+    devices = model.get("devices") or []
+    if len(devices) > 1:
+        shown += ": " + ", ".join(f"{d['n_gpu_layers']} on {d['device']}" for d in devices)
+    return shown
+
+
 def table(title: str, columns: dict[str, str], no_wrap: bool = False) -> Table:
     """A table whose columns are right-aligned where ``columns`` says "r"; ``no_wrap``: each
     row on one line (a cell too wide is cut short)."""
@@ -336,7 +346,7 @@ def loaded_models_table(socket_path: Path | None = None) -> Table | None:
         shown.add_row(
             str(m.get("model")),
             str(m.get("refcount")),
-            f"{m.get('n_gpu_layers', '?')} of {m.get('layers', '?')}",
+            layers_shown(m),
             _bytes(m.get("weights_bytes")),
             _bytes(m.get("context_bytes")),
             cells,

@@ -2,12 +2,12 @@
 
 Every half second it asks the daemon for STATUS, LIST and MODELS over the socket and draws:
 per device, a memory bar (weights, contexts, unaccounted, the backend's own, free) with the
-ledger's cap marked and NVML's figure beside the ledger's; per model, its device, agents,
-resident agents, tokens/s and the keep-alive left; per agent, its state, tokens in KV, n_ctx,
-last activity, tokens/s, parks and restores; the queue, and the latest refusals with their
-numbers. Rates are the difference between two frames. `q` quits (Ctrl-C too); `--once`
-prints one frame (two readings half a second apart, for the rates) and exits. The frame fits
-80 columns; without a daemon it says so, and goes on asking.
+ledger's cap marked and NVML's figure beside the ledger's; per model, its device (devices,
+if split) and layers, agents, resident agents, tokens/s and the keep-alive left; per agent,
+its state, tokens in KV, n_ctx, last activity, tokens/s, parks and restores; the queue, and
+the latest refusals with their numbers. Rates are the difference between two frames. `q`
+quits (Ctrl-C too); `--once` prints one frame (two readings half a second apart, for the
+rates) and exits. The frame fits 80 columns; without a daemon it says so, and goes on asking.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def _models(now: Reading, before: Reading | None) -> Table:
         left = m["unload_in_s"]
         shown.add_row(
             m["model"],
-            str(m["device"]),
-            f"{m['n_gpu_layers']}/{m['layers']}",
+            "+".join(str(d["device"]) for d in m["devices"]),  # split: "0+1", and
+            "+".join(str(d["n_gpu_layers"]) for d in m["devices"]) + f"/{m['layers']}",  # "9+8/17"
             str(m["refcount"]),
             str(m["resident"]),
             _tps(_rate(now, before, "models", "model", m["model"])),

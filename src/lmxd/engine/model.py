@@ -20,22 +20,35 @@ from lmxd.errors import EngineError, InvalidInput
 from lmxd.memory.host import give_back_heap
 from lmxd.modelfile import ModelInfo, read_model_info
 
+# A model split over several devices by layer: (device, layers on it) in layer order, lower
+# layers on lower device indices (llama.cpp's order); empty for a model on one device.
+Split = tuple[tuple[int, int], ...]
+
+_GPU = 1  # ggml_backend_dev_type's GGML_BACKEND_DEVICE_TYPE_GPU
+
 
 class Model:
     """One loaded model. Create through :meth:`ModelRegistry.acquire`; use on the engine thread."""
 
-    def __init__(self, engine: Engine, info: ModelInfo, n_gpu_layers: int, device: int) -> None:
+    def __init__(
+        self, engine: Engine, info: ModelInfo, n_gpu_layers: int, device: int, split: Split = ()
+    ) -> None:
         engine.check_thread()
         self.engine = engine
         self.info = info
         self.n_gpu_layers = n_gpu_layers
         self.device = device
+        self.split = split
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        # Weights, KV and compute all on one device: llama.cpp would otherwise split the
-        # layers over every GPU it sees, and no ledger would hold what its device holds.
-        params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
-        params.main_gpu = device
+        self._keep: tuple[object, ...] = ()  # what llama.cpp's parameters point to
+        if split:
+            self._keep = split_params(params, split, _gpu_devices())
+        else:
+            # Weights, KV and compute all on one device: llama.cpp would otherwise split the
+            # layers over every GPU it sees, and no ledger would hold what its device holds.
+            params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+            params.main_gpu = device
         # Weight repacking (AMX/AVX "extra buffer types") would keep a second, CPU-specific
         # copy of most weights beside the mapped file, nearly doubling host bytes in a way no
         # GGUF header predicts. GPU layers never use it; CPU layers go without.
@@ -133,23 +146,64 @@ class Model:
             self.ptr = None
 
 
+class _Override(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _gpu_devices() -> list[int]:
+    """ggml's GPU devices (their handles), in the order llama.cpp numbers them."""
+    lib = llama_cpp.llama_cpp._lib
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    everything = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    return [dev for dev in everything if lib.ggml_backend_dev_type(dev) == _GPU]
+
+
+def split_params(
+    params: llama_cpp.llama_model_params, split: Split, gpus: list[int]
+) -> tuple[object, ...]:
+    """Set ``params`` for a model split by layer over the devices of ``split`` (indices into
+    ``gpus``), each given exactly its layers; returns the arrays llama.cpp points to, to be
+    kept alive with the model."""
+    # Only the split's devices: llama.cpp would otherwise set up a backend on every GPU,
+    # those left out by --devices too. CUDA numbers them as NVML does (lmxd.daemon).
+    devices = (ctypes.c_void_p * (len(split) + 1))(*[gpus[index] for index, _ in split], None)
+    # Layer il of the n_layer + 1 goes to the first device whose cumulative share of them
+    # is above il / (n_layer + 1) (llama-model.cpp): shares in layers make the cut exact.
+    shares = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*[float(n) for _, n in split])
+    # A pattern no tensor name matches: with any override, llama.cpp leaves pipeline
+    # parallelism off. It would keep four copies of every graph input on each device, memory
+    # the estimator does not count, for a gain only on prompts of several micro-batches.
+    overrides = (_Override * 2)(_Override(b"^$", None), _Override(None, None))
+    params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+    # The bindings declare these fields void * (their type hints say arrays): addresses.
+    params.devices = ctypes.addressof(devices)  # type: ignore[assignment]
+    params.tensor_split = shares
+    params.tensor_buft_overrides = ctypes.addressof(overrides)  # type: ignore[assignment]
+    return devices, shares, overrides
+
+
 class ModelRegistry:
-    """Loads each (file, n_gpu_layers, device) once and counts who holds it. Engine threads
-    only; the lanes of several devices may load and free at once, one at a time here."""
+    """Loads each (file, n_gpu_layers, device, split) once and counts who holds it. Engine
+    threads only; the lanes of several devices may load and free at once, one at a time here."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._models: dict[tuple[Path, int, int], Model] = {}
+        self._models: dict[tuple[Path, int, int, Split], Model] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, path: Path, n_gpu_layers: int = -1, device: int = 0) -> Model:
+    def acquire(
+        self, path: Path, n_gpu_layers: int = -1, device: int = 0, split: Split = ()
+    ) -> Model:
         self.engine.check_thread()
         info = read_model_info(path)
-        key = (info.path.resolve(), n_gpu_layers, device)
+        key = (info.path.resolve(), n_gpu_layers, device, split)
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                model = self._models[key] = Model(self.engine, info, n_gpu_layers, device)
+                model = self._models[key] = Model(self.engine, info, n_gpu_layers, device, split)
             model.refcount += 1
             return model
 
@@ -159,7 +213,8 @@ class ModelRegistry:
         with self._lock:
             model.refcount -= 1
             if model.refcount <= 0:
-                self._models.pop((model.path.resolve(), model.n_gpu_layers, model.device), None)
+                key = (model.path.resolve(), model.n_gpu_layers, model.device, model.split)
+                self._models.pop(key, None)
                 model.free()
                 if not self._models:
                     give_back_heap()  # llama.cpp's host buffers, freed, leave the process

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lmxd.engine.context import Context, ContextParams
-from lmxd.engine.model import Model, ModelRegistry
+from lmxd.engine.model import Model, ModelRegistry, Split
 from lmxd.engine.runtime import Engine, Lane
 from lmxd.engine.stepper import Emit, Reply, ReplySpec, SeqReport, SliceControl, Stepper
 from lmxd.errors import EngineError, LmxdError
@@ -42,7 +42,9 @@ class ContextHandle(Protocol):
 
 
 class Worker(Protocol):
-    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle: ...
+    async def load(
+        self, path: Path, device: int, n_gpu_layers: int, split: Split = ()
+    ) -> ModelHandle: ...
     async def unload(self, model: ModelHandle) -> None: ...
     async def tokenize(self, model: ModelHandle, text: str, add_special: bool) -> list[int]: ...
     async def check_grammar(self, model: ModelHandle, grammar: str) -> None: ...
@@ -104,9 +106,11 @@ class LlamaWorker:
         self.deterministic = deterministic
         self._registry = engine.call(ModelRegistry, engine)
 
-    async def load(self, path: Path, device: int, n_gpu_layers: int) -> ModelHandle:
+    async def load(
+        self, path: Path, device: int, n_gpu_layers: int, split: Split = ()
+    ) -> ModelHandle:
         def load_() -> Model:
-            model = self._registry.acquire(path, n_gpu_layers, device)
+            model = self._registry.acquire(path, n_gpu_layers, device, split)
             # The stepper's token tables, built with the load (a REGISTER) rather than when
             # the model's first context opens (its agents' first DECODE): about 0.4 s for a
             # vocabulary of 128,256 tokens.

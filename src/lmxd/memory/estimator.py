@@ -129,7 +129,15 @@ def _first_gpu_block(info: ModelInfo, n_gpu_layers: int) -> int:
     return max(info.n_layer + 1 - layers_on_device(info, n_gpu_layers), 0)
 
 
-def weight_bytes(info: ModelInfo, backend: Backend, n_gpu_layers: int = -1) -> tuple[int, int]:
+def device_span(info: ModelInfo, n_gpu_layers: int) -> range:
+    """The layers on the device(s) with ``n_gpu_layers`` offloaded: the last ones, of the
+    n_layer + 1 (the output layer is layer n_layer)."""
+    return range(_first_gpu_block(info, n_gpu_layers), info.n_layer + 1)
+
+
+def weight_bytes(
+    info: ModelInfo, backend: Backend, n_gpu_layers: int = -1, span: range | None = None
+) -> tuple[int, int]:
     """(device bytes, host bytes) of the weights.
 
     On CUDA, llama.cpp keeps the input embeddings in host memory and puts the last
@@ -138,29 +146,41 @@ def weight_bytes(info: ModelInfo, backend: Backend, n_gpu_layers: int = -1) -> t
     Llama-3.2-1B shape's layers on the H200, scripts/measure_offload.py). A model with tied
     embeddings gets a device copy of token_embd as its output matrix (llama-model.cpp,
     TENSOR_DUPLICATED).
+
+    ``span``: the layers of one device, for a model split over several by layer (a part of
+    :func:`device_span`); the device bytes are that device's, the host bytes the model's.
     """
     sizes = [(t, _pad(t.n_bytes, _TENSOR_ALIGN)) for t in info.tensors]
     everything = sum(size for _, size in sizes)
     if backend is Backend.CPU:
         return everything, 0
-    first_gpu_block = _first_gpu_block(info, n_gpu_layers)
-    output_on_gpu = layers_on_device(info, n_gpu_layers) > 0
+    offloaded = device_span(info, n_gpu_layers)
+    mine = offloaded if span is None else span
     names = {t.name for t in info.tensors}
     device = host = 0
     for t, size in sizes:
         if t.layer is not None:
-            on_device = t.layer >= first_gpu_block
+            layer: int | None = t.layer
         elif t.name.startswith("output"):
-            on_device = output_on_gpu
+            layer = info.n_layer
         else:
-            on_device = False  # the input embeddings, and any other tensor outside a block
-        if on_device:
+            layer = None  # the input embeddings, and any other tensor outside a block
+        if layer in mine:
             device += size
-        else:
+        elif layer not in offloaded:
             host += size
-        if t.name == "token_embd.weight" and output_on_gpu and "output.weight" not in names:
+        if t.name == "token_embd.weight" and info.n_layer in mine and "output.weight" not in names:
             device += size  # the duplicated output matrix of tied embeddings
     return device, host
+
+
+def kv_bytes_per_token(info: ModelInfo, layers: range | None = None) -> int:
+    """Bytes of f16 KV one token takes in the blocks of ``layers`` (None: all of them)."""
+    return sum(
+        _type_bytes("f16", info.n_head_kv[il] * (info.head_dim_k + info.head_dim_v))
+        for il in (range(info.n_layer) if layers is None else layers)
+        if il < info.n_layer
+    )
 
 
 def decode_speed_share(info: ModelInfo, n_gpu_layers: int) -> float:
@@ -213,6 +233,7 @@ def estimate(
     beyond_training: bool = False,
     swa_full: bool = False,
     op_offload: bool = True,
+    span: range | None = None,
 ) -> MemoryEstimate:
     """Predict the bytes of ``n_seq`` sequences of ``n_ctx`` tokens each, each sequence with a
     KV stream of its own (lmxd's contexts set ``kv_unified=false``).
@@ -229,11 +250,16 @@ def estimate(
     time, for batches of 32 tokens and more, and runs them there). On the H200, for the
     Llama-3.2-1B shape: 64.0 MiB on the device without op_offload, 74.2 with it, against
     72.1 and 85.3 predicted; in host RAM, 72.0 and 16.0 against 72.1.
+
+    ``span``: for a model split over several devices by layer (all of them offloaded), the
+    layers of one device; its weights and KV are those layers', and its compute buffer is
+    over-estimated the same way, as the whole graph's peak (not measured: no machine with
+    two GPUs was at hand; llama.cpp gives each device a buffer for the nodes it runs).
     """
     check_n_ctx(info, n_ctx, beyond_training)
     if n_seq < 1:
         raise ContextSizeError(f"n_seq must be >= 1, got {n_seq}", n_seq=n_seq)
-    weights, weights_host = weight_bytes(info, backend, n_gpu_layers)
+    weights, weights_host = weight_bytes(info, backend, n_gpu_layers, span)
 
     # KV cache (llama-kv-cache.cpp): per layer, n_head_kv heads of K and V rows per cell; one
     # stream of n_ctx cells (padded) per sequence.
@@ -245,7 +271,8 @@ def estimate(
     swa_cells = swa_stream * n_seq
     full_per_token = swa_per_token = 0
     kv = kv_host = 0
-    first_gpu_block = _first_gpu_block(info, n_gpu_layers) if backend is Backend.CUDA else 0
+    offloaded = device_span(info, n_gpu_layers) if backend is Backend.CUDA else range(0)
+    mine = offloaded if span is None or backend is Backend.CPU else span
     for il in range(info.n_layer):
         k = _type_bytes(type_k, info.n_head_kv[il] * info.head_dim_k)
         v = _type_bytes(type_v, info.n_head_kv[il] * info.head_dim_v)
@@ -255,9 +282,9 @@ def estimate(
         else:
             full_per_token += k + v
             layer = (k + v) * cells
-        if il >= first_gpu_block:
+        if backend is Backend.CPU or il in mine:
             kv += layer
-        else:
+        elif il not in offloaded:
             kv_host += layer
 
     # Compute buffers (llama-context.cpp sched_reserve): the largest graph is a full ubatch

@@ -39,10 +39,10 @@ from lmxd.errors import (
     UnknownAgent,
 )
 from lmxd.memory.estimator import check_n_ctx
-from lmxd.memory.ledger import Denial
 from lmxd.modelfile import read_model_info
 from lmxd.results import Piece, StopReason
 from lmxd.scheduler.agents import Activity, Agent, Memory
+from lmxd.scheduler.devices import release
 from lmxd.scheduler.endings import Endings
 from lmxd.scheduler.jobs import DecodeRequest, Job
 from lmxd.scheduler.models import Models
@@ -125,14 +125,9 @@ class Scheduler:
                 slot = await self.models.load(
                     model, path, info, self.room.placement(model, info, n_ctx)
                 )
-            elif (
-                denial := self.room.denial_on(slot.device, slot.key, info, n_ctx, slot.n_gpu_layers)
-            ) is not None:
+            elif (denial := self.room.denial_in(slot.placement, slot.key, info, n_ctx)) is not None:
                 raise denial.error()
-            weights = self.room.weights_request(slot.key, info, slot.n_gpu_layers)
-            got = slot.device.ledger.try_reserve(weights)
-            assert not isinstance(got, Denial)  # the charge is live: another handle is free
-            slot.weights[agent_id] = got[0]
+            slot.weights[agent_id] = self.models.handle(slot)  # the charge is live: free
             self.models.cancel_unload(slot)
             agent = Agent(agent_id, slot, n_ctx, sampling, system_prompt, owner)
             slot.agents[agent_id] = self.agents[agent_id] = agent
@@ -276,7 +271,7 @@ class Scheduler:
             self.endings.release_held(slot)
             self.endings.send()
             await self.models.keep_alive(slot)  # holds the weights before this agent lets go
-        slot.device.ledger.release(handle)
+        release(slot.placement.devices, handle)
         if not slot.agents and slot.context is not None:  # no agent is left to use it
             await self.room.close_context(slot)
         if not self.agents:
@@ -366,9 +361,9 @@ class Scheduler:
         round robin. The devices' chains of slices run at once, each on its device's engine
         lane, and a device starts its next slice as soon as its own last one ends, not when
         the other devices' do (with one slice per device per turn, each waited for the
-        slowest). A chain ends early once an operation
-        waits for the lock, so REGISTER, RESET and UNREGISTER still wait for one slice at
-        most. False if nothing could be done."""
+        slowest). A chain ends early once an operation waits for the lock, so REGISTER, RESET
+        and UNREGISTER still wait for one slice at most. A model split over devices takes its
+        turns on its first device. False if nothing could be done."""
         return any(await asyncio.gather(*(self._chain(device) for device in devices)))
 
     async def _chain(self, device: int) -> bool:
@@ -381,7 +376,8 @@ class Scheduler:
             # they share the park budget, the disk tier and the host ledger; another
             # device's slice of steps may run meanwhile.
             async with self._preparing:
-                slot.device.reconcile()  # admission counts what the device holds
+                for held in slot.placement.devices:
+                    held.reconcile()  # admission counts what the devices hold
                 try:
                     admitted, active = await self._prepare(slot)
                 except Exception as exc:  # a bug must not take the daemon down with it

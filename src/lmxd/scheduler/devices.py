@@ -3,16 +3,22 @@
 Placement: a model already loaded stays where it is, and a new agent of it joins it there. A
 new model goes to the device where it fits (its weights and one agent's context, counting the
 room that closing idle contexts there would give back) with the most room left after it, the
-lowest index first on a tie; where it fits on none, its REGISTER is refused with each device's
-numbers. A model lives on one device: its weights, its KV and its compute buffers (llama.cpp's
-split mode "none", ``main_gpu`` the device), so that each device's ledger charges exactly what
-that device holds, and its agents' parked states come back onto it.
+lowest index first on a tie. A model that fits on one device lives there: its weights, its KV
+and its compute buffers (llama.cpp's split mode "none", ``main_gpu`` the device), so that each
+device's ledger charges exactly what that device holds, and its agents' parked states come
+back onto it.
 
-Partial placement (issue #12): a model whose weights and one agent's context fit whole on no
-device, even with its idle contexts closed, is placed with as many of its layers as fit on the
-device where the most fit (llama.cpp's ``n_gpu_layers``; it offloads the output layer first,
-then the blocks from the last), the rest in host RAM, charged to the host's ledger. Only a
-model the host cannot hold the rest of either is refused, with both ledgers' numbers.
+Split by layer: a model that fits whole on no device, even with idle contexts closed, is split
+over several when they hold it together: in index order (llama.cpp gives lower layers to lower
+indices), each device takes the most of the next layers that fit (:func:`split_by_layer`).
+Each device's ledger is charged for its share (a :data:`Charge` holds a reservation on each).
+
+Partial placement (issue #12): a model that fits neither whole nor split is placed with as many
+of its layers as fit on the device where the most fit (llama.cpp's ``n_gpu_layers``; it
+offloads the output layer first, then the blocks from the last), the rest in host RAM, charged
+to the host's ledger. Only a model the host cannot hold the rest of either is refused, with
+both ledgers' numbers; with partial placement off, one that fits neither whole nor split is
+refused with each device's numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 from lmxd.errors import LedgerDenied
 from lmxd.memory.device import DeviceInfo
-from lmxd.memory.ledger import Denial, Ledger
+from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.memory.reconcile import Reconciler
 from lmxd.units import format_bytes
 
@@ -42,13 +48,75 @@ class Device:
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where a model's layers go: ``n_gpu_layers`` of its ``layers`` (its blocks and its
-    output layer) on ``device``, the rest in host RAM."""
+class Share:
+    """The layers of a model one device holds: ``span`` of its n_layer + 1 (the output layer
+    is the last), with their weights, KV and compute buffer."""
 
     device: Device
-    n_gpu_layers: int
+    span: range
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's layers go, of its ``layers`` (its blocks and its output layer): the
+    last ``n_gpu_layers`` on one device and the rest in host RAM, or all of them split over
+    several devices by layer, lower layers on lower device indices."""
+
+    shares: tuple[Share, ...]
     layers: int
+
+    @classmethod
+    def on(cls, device: Device, n_gpu_layers: int, layers: int) -> Placement:
+        """The last ``n_gpu_layers`` of ``layers`` on ``device``."""
+        return cls((Share(device, range(layers - n_gpu_layers, layers)),), layers)
+
+    @property
+    def device(self) -> Device:
+        """The first device: its lane drives the model's steps, its chain its turns."""
+        return self.shares[0].device
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return sum(len(share.span) for share in self.shares)
+
+    @property
+    def devices(self) -> list[Device]:
+        return [share.device for share in self.shares]
+
+    @property
+    def split(self) -> bool:
+        return len(self.shares) > 1
+
+
+# What one charge holds for a model: a reservation on each of its devices' ledgers, in the
+# order of its placement's shares.
+Charge = tuple[Reservation, ...]
+
+
+@dataclass(frozen=True)
+class Short:
+    """A charge refused: the device whose ledger refused it, and why."""
+
+    device: Device
+    denial: Denial
+
+
+def reserve(requests: Sequence[tuple[Device, Request]]) -> Charge | Short:
+    """Each request in its device's ledger, all of them or none."""
+    got: list[Reservation] = []
+    for device, request in requests:
+        granted = device.ledger.try_reserve(request)
+        if isinstance(granted, Denial):
+            release([d for d, _ in requests], tuple(got))
+            return Short(device, granted)
+        got.append(granted[0])
+    return tuple(got)
+
+
+def release(devices: Sequence[Device], charge: Charge) -> None:
+    """Give back a charge's reservations, each to its device's ledger."""
+    for device, reservation in zip(devices, charge, strict=False):
+        device.ledger.release(reservation)
 
 
 def most_layers(layers: int, denial_with: Callable[[int], Denial | None]) -> int | None:
@@ -64,6 +132,30 @@ def most_layers(layers: int, denial_with: Callable[[int], Denial | None]) -> int
         else:
             refused = middle
     return fits
+
+
+def split_by_layer(
+    devices: Sequence[Device], layers: int, denial_with: Callable[[Device, range], Denial | None]
+) -> Placement | None:
+    """All ``layers`` split over ``devices`` by layer, or None where they do not fit: in
+    index order (llama.cpp gives lower layers to lower device indices), each device takes
+    the most layers that fit from where the one before it stopped; a device that takes none
+    is left out. ``denial_with(device, span)``: would ``span`` fit on ``device``."""
+    shares: list[Share] = []
+    start = 0
+    for device in devices:
+        if start == layers:
+            break
+
+        def denial_of(k: int, device: Device = device, start: int = start) -> Denial | None:
+            return denial_with(device, range(start, start + k))
+
+        most = most_layers(layers - start + 1, denial_of)
+        if not most:
+            continue
+        shares.append(Share(device, range(start, start + most)))
+        start += most
+    return Placement(tuple(shares), layers) if start == layers and len(shares) > 1 else None
 
 
 def place(devices: Sequence[Device], denial_on: Callable[[Device], Denial | None]) -> Device:

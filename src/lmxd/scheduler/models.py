@@ -2,7 +2,7 @@
 
 The first REGISTER that names a model loads it: its weights are reserved in the ledger first
 (closing other models' idle contexts if that makes room), then llama.cpp loads the file once,
-with as many layers on its device as its placement gives it (lmxd.scheduler.devices). A model
+with as many layers on its device(s) as its placement gives it (lmxd.scheduler.devices). A model
 placed partially is reloaded with more layers when room frees up and its agents are idle.
 Each agent holds a weights handle of its own, so the charge goes with the last of them; then
 a keep-alive handle holds it for ``keep_alive_s`` (a REGISTER meanwhile cancels the unload),
@@ -22,9 +22,9 @@ from lmxd.chat.template import ChatTemplate
 from lmxd.engine.context import KV_PAD
 from lmxd.engine.worker import ModelHandle, Worker
 from lmxd.errors import Forbidden, LmxdError, ModelFileError, UnknownModel
-from lmxd.memory.ledger import Denial, Request, Reservation
+from lmxd.memory.ledger import Request, Reservation
 from lmxd.modelfile import ModelInfo
-from lmxd.scheduler.devices import Device, Placement
+from lmxd.scheduler.devices import Charge, Placement, Short, release, reserve
 from lmxd.scheduler.oplock import OpLock
 from lmxd.scheduler.residency import Residency
 from lmxd.scheduler.slots import KEEPALIVE_HOLDER, ModelSlot
@@ -101,59 +101,69 @@ class Models:
         """Load the model as ``where`` places it, under the ledgers (:meth:`_place`)."""
         model, got = await self._place(key, path, info, where)
         chat = ChatTemplate(key, model.chat_template, model.bos_text, model.eos_text)
-        slot = ModelSlot(key, path, model.info, model, chat, where.device, where.n_gpu_layers)
+        slot = ModelSlot(key, path, model.info, model, chat, where)
         slot.weights[KEEPALIVE_HOLDER], slot.host_weights = got
         self.room.slots[str(path)] = slot
         log.info(
-            "load model=%s device=%d layers=%d/%d bytes=%d",
+            "load model=%s devices=%s layers=%s/%d bytes=%d",
             key,
-            where.device.index,
-            where.n_gpu_layers,
+            ",".join(str(share.device.index) for share in where.shares),
+            ",".join(str(len(share.span)) for share in where.shares),
             where.layers,
-            got[0].bytes,
+            sum(r.bytes for r in got[0]),
         )
         return slot
 
     async def _place(
         self, key: str, path: Path, info: ModelInfo, where: Placement
-    ) -> tuple[ModelHandle, tuple[Reservation, Reservation | None]]:
-        """Reserve the weights on the placement's device (closing idle contexts there if need
-        be) and in host RAM, then load the model with its layers placed so; the charges go
-        back if the load fails."""
+    ) -> tuple[ModelHandle, tuple[Charge, Reservation | None]]:
+        """Reserve the weights on the placement's devices (closing idle contexts there if
+        need be) and in host RAM, then load the model with its layers placed so; the charges
+        go back if the load fails."""
         got = await self._reserve(key, info, where)
+        split = tuple((s.device.index, len(s.span)) for s in where.shares) if where.split else ()
         try:
-            model = await self.worker.load(path, where.device.index, where.n_gpu_layers)
+            model = await self.worker.load(path, where.device.index, where.n_gpu_layers, split)
         except LmxdError:
-            self._release(where.device, got)
+            self._release(where, got)
             raise
         return model, got
 
     async def _reserve(
         self, key: str, info: ModelInfo, where: Placement
-    ) -> tuple[Reservation, Reservation | None]:
-        """The weights' charges: on the device (closing idle contexts there until they fit)
+    ) -> tuple[Charge, Reservation | None]:
+        """The weights' charges: on the devices (closing idle contexts there until they fit)
         and, on CUDA, in host RAM."""
-        device = where.device
-        weights = self.room.weights_request(key, info, where.n_gpu_layers)
-        while isinstance(got := device.ledger.try_reserve(weights), Denial):
-            victims = self.room.evictable(device)
+        requests = self.room.weights_requests(key, info, where)
+        while isinstance(got := reserve(requests), Short):
+            victims = self.room.evictable(got.device)
             if not victims:
-                raise got.error()
+                raise got.denial.error()
             await self.room.close_context(victims[0])
         if self.room.host is None:
-            return got[0], None
+            return got, None
         request, _ = self.room.host_requests(key, info, KV_PAD, 1, where.n_gpu_layers)
         try:
             held = await self.room.reserve_host(request)
         except LmxdError:
-            device.ledger.release(got[0])
+            release(where.devices, got)
             raise
-        return got[0], held
+        return got, held
 
-    def _release(self, device: Device, got: tuple[Reservation, Reservation | None]) -> None:
-        device.ledger.release(got[0])
+    def _release(self, where: Placement, got: tuple[Charge, Reservation | None]) -> None:
+        release(where.devices, got[0])
         if got[1] is not None and self.room.host is not None:
             self.room.host.release(got[1])
+
+    @staticmethod
+    def handle(slot: ModelSlot) -> Charge:
+        """Another handle on the model's weights charge, on each of its devices: nothing new
+        while the charge is live, nothing at all where it is not (a model that could not be
+        loaded back)."""
+        nothing = Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}")
+        got = reserve([(device, nothing) for device in slot.placement.devices])
+        assert not isinstance(got, Short)  # no new bytes
+        return got
 
     async def grow_one(self) -> bool:
         """:meth:`grow` the first partially placed model that can be; True if one was."""
@@ -181,35 +191,29 @@ class Models:
             return False
         await self.worker.unload(slot.model)
         holders = list(slot.weights)
-        self._release(slot.device, (slot.weights.pop(holders[0]), slot.host_weights))
+        self._release(slot.placement, (slot.weights.pop(holders[0]), slot.host_weights))
         for holder in holders[1:]:
-            slot.device.ledger.release(slot.weights.pop(holder))
-        where = Placement(slot.device, layers, slot.info.n_layer + 1)
+            release(slot.placement.devices, slot.weights.pop(holder))
+        where = Placement.on(slot.device, layers, slot.info.n_layer + 1)
         try:
             slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
         except LmxdError as exc:  # back as it was (that placement loaded before), for good
             log.error("reload of model=%s with %d layers failed: %s", slot.key, layers, exc)
             slot.may_grow = False
-            where = Placement(slot.device, before, where.layers)
+            where = slot.placement
             try:
                 slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
             except LmxdError as again:
                 # Not even that: its agents keep weights handles that charge nothing, and
                 # every use of the model fails (EngineError) until they go and it unloads.
                 log.error("model=%s could not be loaded back: %s", slot.key, again)
-                nothing = Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}")
-                held = slot.device.ledger.try_reserve(nothing)
-                assert not isinstance(held, Denial)  # no bytes
-                got = held[0], None
+                got = self.handle(slot), None
         if where.n_gpu_layers > slot.n_gpu_layers:
             slot.decode_tokens, slot.decode_s = 0, 0.0  # its speed measured anew
-        slot.n_gpu_layers = where.n_gpu_layers
-        weights = self.room.weights_request(slot.key, slot.info, where.n_gpu_layers)
+        slot.placement = where
         slot.weights[holders[0]], slot.host_weights = got
         for holder in holders[1:]:
-            handle = slot.device.ledger.try_reserve(weights)
-            assert not isinstance(handle, Denial)  # keyed and live: costs nothing
-            slot.weights[holder] = handle[0]
+            slot.weights[holder] = self.handle(slot)
         log.info(
             "reload model=%s layers=%d->%d/%d ms=%.1f",
             slot.key,
@@ -227,14 +231,11 @@ class Models:
             slot.unload_timer = None
         keepalive = slot.weights.pop(KEEPALIVE_HOLDER, None)
         if keepalive is not None:
-            slot.device.ledger.release(keepalive)
+            release(slot.placement.devices, keepalive)
 
     async def keep_alive(self, slot: ModelSlot) -> None:
         """No agent refers to ``slot`` any more: unload it after the keep-alive."""
-        weights = Request(f"model:{slot.key}", {}, key=f"weights:{slot.path}")
-        got = slot.device.ledger.try_reserve(weights)
-        assert not isinstance(got, Denial)  # keyed and live: costs nothing
-        slot.weights[KEEPALIVE_HOLDER] = got[0]
+        slot.weights[KEEPALIVE_HOLDER] = self.handle(slot)
         if self.keep_alive_s <= 0:
             await self.unload(slot)
             return
@@ -257,7 +258,7 @@ class Models:
             await self.room.close_context(slot)
         await self.worker.unload(slot.model)
         for handle in slot.weights.values():
-            slot.device.ledger.release(handle)
+            release(slot.placement.devices, handle)
         slot.weights.clear()
         if slot.host_weights is not None and self.room.host is not None:
             self.room.host.release(slot.host_weights)

@@ -6,7 +6,8 @@ agent (its state goes to host RAM and its cells are freed); for a context that d
 yet, reserve it in its device's ledger, closing other models' contexts on that device whose
 agents are all idle (least recently used first) until it fits. Each park is one structured log
 line. Each device has a ledger of its own (lmxd.scheduler.devices): a model's weights and
-context are charged to the device it was placed on, and only contexts there make room for it.
+context are charged to the device it was placed on (to each of its devices, for its share, when
+it is split by layer), and only contexts there make room for it.
 
 A context stays open when its agents are all parked (its streams empty, its memory still
 reserved) until another model needs the room, its streams must grow, or its model unloads:
@@ -52,7 +53,18 @@ from lmxd.memory.estimator import Backend, MemoryEstimate, estimate, weight_byte
 from lmxd.memory.ledger import Denial, Ledger, Request, Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.scheduler.agents import Activity, Agent, Memory
-from lmxd.scheduler.devices import Device, Placement, most_layers, place
+from lmxd.scheduler.devices import (
+    Charge,
+    Device,
+    Placement,
+    Share,
+    Short,
+    most_layers,
+    place,
+    release,
+    reserve,
+    split_by_layer,
+)
 from lmxd.scheduler.jobs import Job
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.units import format_bytes
@@ -119,21 +131,62 @@ class Residency:
 
     # -- contexts ----------------------------------------------------------------------------
 
-    def weights_request(self, key: str, info: ModelInfo, n_gpu_layers: int = -1) -> Request:
-        """The model's weights on its device, keyed by file: charged once however many agents
-        share them."""
-        device, _ = weight_bytes(info, self.config.backend, n_gpu_layers)
+    def weights_request(
+        self, key: str, info: ModelInfo, n_gpu_layers: int = -1, span: range | None = None
+    ) -> Request:
+        """The model's weights on its device (those of ``span``'s layers, for one device of
+        a split), keyed by file: charged once however many agents share them."""
+        device, _ = weight_bytes(info, self.config.backend, n_gpu_layers, span)
         return Request(f"model:{key}", {"weights": device}, key=f"weights:{info.path}")
 
     def context_request(
-        self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int = -1
+        self,
+        key: str,
+        info: ModelInfo,
+        n_ctx: int,
+        n_seq: int,
+        n_gpu_layers: int = -1,
+        span: range | None = None,
     ) -> Request:
-        """``n_seq`` sequences with a stream of ``n_ctx`` cells each, on the model's device."""
-        est = self._estimate(info, n_ctx, n_seq, n_gpu_layers)
+        """``n_seq`` sequences with a stream of ``n_ctx`` cells each, on the model's device
+        (``span``'s layers' KV and a compute buffer, for one device of a split)."""
+        est = self._estimate(info, n_ctx, n_seq, n_gpu_layers, span)
         parts = {"kv": est.kv, "compute": est.compute}
         if self.config.backend is Backend.CPU:
             parts["output"] = est.output
         return Request(f"context:{key}", parts)
+
+    def weights_requests(
+        self, key: str, info: ModelInfo, where: Placement
+    ) -> list[tuple[Device, Request]]:
+        """The weights' request on each device of ``where``, in the order of its shares."""
+        return [
+            (
+                share.device,
+                self.weights_request(key, info, where.n_gpu_layers, self._span(share, where)),
+            )
+            for share in where.shares
+        ]
+
+    def context_requests(
+        self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, where: Placement
+    ) -> list[tuple[Device, Request]]:
+        """A context's request on each device of ``where``, in the order of its shares."""
+        return [
+            (
+                share.device,
+                self.context_request(
+                    key, info, n_ctx, n_seq, where.n_gpu_layers, self._span(share, where)
+                ),
+            )
+            for share in where.shares
+        ]
+
+    @staticmethod
+    def _span(share: Share, where: Placement) -> range | None:
+        """The layers the estimator gives ``share``'s device: its own in a split, else all
+        of the model's offloaded layers (None)."""
+        return share.span if where.split else None
 
     def host_requests(
         self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int
@@ -146,7 +199,7 @@ class Residency:
         return weights, Request(f"context:{key}", parts)
 
     def _estimate(
-        self, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int
+        self, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int, span: range | None = None
     ) -> MemoryEstimate:
         return estimate(
             info,
@@ -156,36 +209,58 @@ class Residency:
             n_gpu_layers=n_gpu_layers,
             n_ubatch=self.config.n_batch,
             op_offload=self.config.op_offload,
+            span=span,
         )
 
     # -- placement ---------------------------------------------------------------------------
 
     def denial_on(
-        self, device: Device, key: str, info: ModelInfo, n_ctx: int, n_gpu_layers: int
+        self,
+        device: Device,
+        key: str,
+        info: ModelInfo,
+        n_ctx: int,
+        n_gpu_layers: int,
+        span: range | None = None,
     ) -> Denial | None:
-        """Would the model (with ``n_gpu_layers`` on ``device``) and one agent's context fit
-        there if every context there whose agents are all idle were closed? If not, no amount
-        of parking helps."""
-        evictable = [
-            s.context_reservation
-            for s in self.evictable(device)
-            if s.context_reservation is not None
-        ]
-        weights = self.weights_request(key, info, n_gpu_layers)
-        alone = self.context_request(key, info, n_ctx, 1, n_gpu_layers)
+        """Would the model (with ``n_gpu_layers`` on ``device``, or ``span``'s layers of a
+        split) and one agent's context fit there if every context there whose agents are all
+        idle were closed? If not, no amount of parking helps."""
+        evictable = [r for s in self.evictable(device) for r in s.context_reservation or ()]
+        weights = self.weights_request(key, info, n_gpu_layers, span)
+        alone = self.context_request(key, info, n_ctx, 1, n_gpu_layers, span)
         return device.ledger.fits(weights, alone, ignoring=evictable)
+
+    def denial_in(self, where: Placement, key: str, info: ModelInfo, n_ctx: int) -> Denial | None:
+        """:meth:`denial_on` each device of ``where``: the first denial, if any."""
+        for share in where.shares:
+            span = self._span(share, where)
+            denial = self.denial_on(share.device, key, info, n_ctx, where.n_gpu_layers, span)
+            if denial is not None:
+                return denial
+        return None
 
     def placement(self, key: str, info: ModelInfo, n_ctx: int) -> Placement:
         """Where a new model goes (lmxd.scheduler.devices): whole on the device with the most
-        room left; else, unless partial placement is off, with the most layers that fit on
-        any device. LedgerDenied with each device's numbers, or the host's, where neither
-        works."""
+        room left; else split by layer over several devices; else, unless partial placement
+        is off, with the most layers that fit on any device. LedgerDenied with each device's
+        numbers, or the host's, where none works."""
         layers = info.n_layer + 1
         try:
             device = place(self.devices, lambda d: self.denial_on(d, key, info, n_ctx, layers))
-            where = Placement(device, layers, layers)
+            where = Placement.on(device, layers, layers)
         except LedgerDenied:
-            if not self.config.partial or self.config.backend is Backend.CPU:
+            if self.config.backend is Backend.CPU:
+                raise
+            split = split_by_layer(
+                self.devices,
+                layers,
+                lambda d, span: self.denial_on(d, key, info, n_ctx, layers, span),
+            )
+            if split is not None:
+                self._check_host(key, info, n_ctx, split)
+                return split
+            if not self.config.partial:
                 raise
             # Not even the compute buffer fits anywhere: refused with each device's numbers
             # at 0 layers.
@@ -200,7 +275,7 @@ class Residency:
                 if most is not None:
                     candidates.append((most, device.ledger.cap - device.ledger.reserved, device))
             most, _, device = max(candidates, key=lambda c: c[:2])
-            where = Placement(device, most, layers)
+            where = Placement.on(device, most, layers)
         self._check_host(key, info, n_ctx, where)
         return where
 
@@ -213,8 +288,10 @@ class Residency:
         denial = self.host.fits(*requests, ignoring=[r for r in idle if r is not None])
         if denial is None:
             return
-        on_device = self.weights_request(key, info, where.n_gpu_layers).bytes
-        on_device += self.context_request(key, info, n_ctx, 1, where.n_gpu_layers).bytes
+        # The first device's part (a split's other devices are in their own ledgers' hands).
+        (_, weights), *_ = self.weights_requests(key, info, where)
+        (_, context), *_ = self.context_requests(key, info, n_ctx, 1, where)
+        on_device = weights.bytes + context.bytes
         raise LedgerDenied(
             f"host RAM ledger denies {' + '.join(denial.owners)}: with "
             f"{where.n_gpu_layers} of {where.layers} layers on device {where.device.index} "
@@ -241,9 +318,8 @@ class Residency:
         """For a partially placed model: the most layers that would fit on its device now,
         its own weights and context given back (nobody else's closed), if more than it has."""
         layers = slot.info.n_layer + 1
-        own = [*slot.weights.values()]
-        if slot.context_reservation is not None:
-            own.append(slot.context_reservation)
+        own = [r for charge in slot.weights.values() for r in charge]
+        own += slot.context_reservation or ()
         n_ctx = max((a.n_ctx for a in slot.agents.values()), default=KV_PAD)
         key, info = slot.key, slot.info
 
@@ -264,7 +340,7 @@ class Residency:
         agents always have work must not keep the memory from a job that came first)."""
 
         def closable(s: ModelSlot) -> bool:
-            if s is exclude or s.context is None or s.device is not device:
+            if s is exclude or s.context is None or not s.on(device):
                 return False
             if s.all_idle:
                 return True
@@ -290,28 +366,30 @@ class Residency:
         shapes = [(self._stream(slot, need), n_seq), (need, 1)]
         denial: Denial | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
-            request = self.context_request(slot.key, slot.info, n_ctx, seqs, slot.n_gpu_layers)
+            requests = self.context_requests(slot.key, slot.info, n_ctx, seqs, slot.placement)
             while True:
-                got = slot.device.ledger.try_reserve(request)
-                if not isinstance(got, Denial):
-                    await self._create_context(slot, n_ctx, seqs, got[0])
+                got = reserve(requests)
+                if not isinstance(got, Short):
+                    await self._create_context(slot, n_ctx, seqs, got)
                     return True
-                denial = got
-                victims = self.evictable(slot.device, exclude=slot, for_job=job)
+                denial = got.denial
+                victims = self.evictable(got.device, exclude=slot, for_job=job)
                 if not victims:
                     break
                 await self.close_context(victims[0], job)
         assert denial is not None
-        others = [s for s in self.slots.values() if s is not slot and s.device is slot.device]
+        others = [
+            s
+            for s in self.slots.values()
+            if s is not slot and any(s.on(d) for d in slot.placement.devices)
+        ]
         if any(s.context is not None for s in others):
             # Busy contexts will go idle, and then be closed for this one; meanwhile their
             # models admit no job that came after it (Scheduler._admit).
             return False
         raise denial.error()
 
-    async def _create_context(
-        self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Reservation
-    ) -> None:
+    async def _create_context(self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Charge) -> None:
         """Open the context ``res`` reserved on the device, after reserving what it keeps in
         host RAM (LedgerDenied, reason HOST, if the host cannot hold it)."""
         host: Reservation | None = None
@@ -320,7 +398,7 @@ class Residency:
             try:
                 host = await self.reserve_host(request, exclude=slot)
             except LmxdError:
-                slot.device.ledger.release(res)
+                release(slot.placement.devices, res)
                 raise
         params = ContextParams(
             n_ctx=n_ctx,
@@ -334,7 +412,7 @@ class Residency:
         try:
             slot.context = await self.worker.open_context(slot.model, params)
         except LmxdError:
-            slot.device.ledger.release(res)
+            release(slot.placement.devices, res)
             if host is not None and self.host is not None:
                 self.host.release(host)
             raise
@@ -345,7 +423,7 @@ class Residency:
             slot.key,
             slot.context.n_ctx,
             n_seq,
-            res.bytes,
+            sum(r.bytes for r in res),
             (time.perf_counter() - t0) * 1000,
         )
 
@@ -381,15 +459,16 @@ class Residency:
         if ctx is not None:
             await self.worker.close_context(ctx)
         if slot.context_reservation is not None:
-            slot.device.ledger.release(slot.context_reservation)
+            release(slot.placement.devices, slot.context_reservation)
             slot.context_reservation = None
         if slot.context_host is not None and self.host is not None:
             self.host.release(slot.context_host)
         slot.context_host = None
         log.info("context closed model=%s ms=%.1f", slot.key, (time.perf_counter() - t0) * 1000)
-        # What the device held for it beyond the ledger (its scratch pools) went with it:
+        # What the devices held for it beyond the ledger (its scratch pools) went with it:
         # admission retried in this same round of making room must not count it still.
-        slot.device.reconcile()
+        for device in slot.placement.devices:
+            device.reconcile()
 
     def reconcile(self) -> None:
         """Charge what each device holds beyond its ledger to it (GPU only: memory/reconcile)."""

@@ -20,7 +20,7 @@ from lmxd.memory.ledger import Reservation
 from lmxd.modelfile import ModelInfo
 from lmxd.results import DecodeResult
 from lmxd.scheduler.agents import Activity, Agent, Memory
-from lmxd.scheduler.devices import Device
+from lmxd.scheduler.devices import Charge, Device, Placement
 from lmxd.scheduler.jobs import Job
 
 KEEPALIVE_HOLDER = "\0keepalive"  # the weights handle held while no agent refers to the model
@@ -33,12 +33,11 @@ class ModelSlot:
     info: ModelInfo
     model: ModelHandle
     chat: ChatTemplate
-    device: Device  # where its weights, KV and compute live
-    n_gpu_layers: int  # of its n_layer + 1 on the device (all but partially placed ones)
+    placement: Placement  # where its weights, KV and compute live
     agents: dict[str, Agent] = field(default_factory=dict)
-    weights: dict[str, Reservation] = field(default_factory=dict)  # holder -> handle
+    weights: dict[str, Charge] = field(default_factory=dict)  # holder -> handle
     context: ContextHandle | None = None
-    context_reservation: Reservation | None = None
+    context_reservation: Charge | None = None
     host_weights: Reservation | None = None  # host RAM of a CUDA model (its host ledger)
     may_grow: bool = True  # partially placed: reloaded with more layers when room frees up
     context_host: Reservation | None = None
@@ -53,6 +52,20 @@ class ModelSlot:
     # loaded or reloaded with more layers.
     decode_tokens: int = 0
     decode_s: float = 0.0
+
+    @property
+    def device(self) -> Device:
+        """Its first device: the one whose lane runs its steps."""
+        return self.placement.device
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """Of its n_layer + 1, on its device(s): all but for partially placed models."""
+        return self.placement.n_gpu_layers
+
+    def on(self, device: Device) -> bool:
+        """Whether some of its layers are on ``device``."""
+        return any(share.device is device for share in self.placement.shares)
 
     @property
     def partial(self) -> bool:

@@ -38,7 +38,7 @@ from lmxd.errors import (
     UnknownAgent,
 )
 from lmxd.memory.device import probe_device
-from lmxd.memory.estimator import decode_speed_share, estimate
+from lmxd.memory.estimator import decode_speed_share, kv_bytes_per_token
 from lmxd.registry import FORMAT as REGISTRY_FORMAT
 from lmxd.registry import AgentRecord, AgentRegistry
 from lmxd.results import DecodeResult, Piece
@@ -47,7 +47,7 @@ from lmxd.scheduler.devices import Device
 from lmxd.scheduler.slots import ModelSlot
 from lmxd.service.auto import AutoAgents
 from lmxd.service.declared import Declared, register_declared
-from lmxd.service.views import AgentView, LoadedModel, Refusal, Registered
+from lmxd.service.views import AgentView, DeviceLayers, LoadedModel, Refusal, Registered
 
 log = logging.getLogger("lmxd.service")
 GONE = "(unregistered)"  # the agent label of counts of agents since unregistered
@@ -201,6 +201,7 @@ class Service:
             n_gpu_layers=slot.n_gpu_layers,
             layers=slot.info.n_layer + 1,
             estimated_speed=self._estimated_speed(slot),
+            devices=_device_layers(slot),
         )
 
     def _estimated_speed(self, slot: ModelSlot) -> float:
@@ -552,19 +553,20 @@ class Service:
         by_model: dict[str, dict[str, int]] = {}
         by_agent: dict[str, int] = {}
         for slot in self.scheduler.room.slots.values():
-            if slot.device is not device:
-                continue
-            weights = next(iter(slot.weights.values())).bytes if slot.weights else 0
-            context = slot.context_reservation.bytes if slot.context_reservation else 0
-            by_model[slot.key] = {
-                "weights": weights,
-                "context": context,
-                "n_gpu_layers": slot.n_gpu_layers,
-                "layers": slot.info.n_layer + 1,
-            }
-            per_token = estimate(slot.info, 1).kv_per_token
-            for agent in slot.agents.values():
-                by_agent[agent.id] = agent.kv_tokens * per_token if agent.seq is not None else 0
+            for i, share in enumerate(slot.placement.shares):
+                if share.device is not device:
+                    continue
+                weights = next(iter(slot.weights.values()))[i].bytes if slot.weights else 0
+                context = slot.context_reservation[i].bytes if slot.context_reservation else 0
+                by_model[slot.key] = {
+                    "weights": weights,
+                    "context": context,
+                    "n_gpu_layers": len(share.span),
+                    "layers": slot.info.n_layer + 1,
+                }
+                per_token = kv_bytes_per_token(slot.info, share.span)  # of its layers here
+                for agent in slot.agents.values():
+                    by_agent[agent.id] = agent.kv_tokens * per_token if agent.seq is not None else 0
         return {
             "index": device.index,
             "device": protocol.to_builtins(probe_device(device.index)),
@@ -616,8 +618,8 @@ class Service:
                 model=slot.key,
                 path=str(slot.path),
                 refcount=len(slot.agents),
-                weights_bytes=next(iter(slot.weights.values())).bytes if slot.weights else 0,
-                context_bytes=slot.context_reservation.bytes if slot.context_reservation else 0,
+                weights_bytes=sum(r.bytes for r in next(iter(slot.weights.values()), ())),
+                context_bytes=sum(r.bytes for r in slot.context_reservation or ()),
                 n_seq=len(slot.seqs),
                 pool_cells=slot.pool_cells,
                 used_cells=slot.used_cells(),
@@ -631,6 +633,7 @@ class Service:
                 decode_tokens_per_s=(
                     round(slot.decode_tokens / slot.decode_s, 1) if slot.decode_s > 0 else None
                 ),
+                devices=_device_layers(slot),
             )
             for slot in self.scheduler.room.slots.values()
             for timer in [slot.unload_timer]
@@ -669,3 +672,8 @@ class Service:
         self.tokens[(model, agent, "prompt")] += result.prompt_tokens
         self.tokens[(model, agent, "cached")] += result.cached_tokens
         self.tokens[(model, agent, "generated")] += result.generated_tokens
+
+
+def _device_layers(slot: ModelSlot) -> list[DeviceLayers]:
+    """Each of ``slot``'s devices with the layers it holds, lower layers first."""
+    return [DeviceLayers(share.device.index, len(share.span)) for share in slot.placement.shares]

@@ -11,15 +11,23 @@ from typing import Any
 import msgspec
 
 
+class DeviceLayers(msgspec.Struct, frozen=True):
+    """The layers of a model one device holds."""
+
+    device: int
+    n_gpu_layers: int
+
+
 class Registered(msgspec.Struct, frozen=True):
     agent: str
     model: str  # the key the daemon knows the model by
     n_ctx: int
     path: str  # the resolved .gguf file
-    device: int  # where its model is
-    n_gpu_layers: int  # of its model's ``layers`` on the device (fewer: placed partially)
+    device: int  # where its model is (split by layer: the first of ``devices``)
+    n_gpu_layers: int  # of its model's ``layers`` on the device(s) (fewer: placed partially)
     layers: int  # the model's blocks and its output layer
     estimated_speed: float  # decode speed estimated as a share of all layers on the device
+    devices: list[DeviceLayers]  # each device's layers, lower layers first: several if split
 
 
 class AgentView(msgspec.Struct, frozen=True):
@@ -47,7 +55,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     n_seq: int
     pool_cells: int
     used_cells: int
-    device: int  # the device its weights, KV and compute are on
+    device: int  # the device its weights, KV and compute are on (split: the first)
     resident: int  # its agents whose KV is on the device now
     generated_tokens: int  # by its agents since it loaded, counted after every slice
     unload_in_s: float | None  # no agent left: seconds until it unloads (keep-alive)
@@ -57,6 +65,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     # measured: tokens generated over its slices' time (prompt steps included), since it
     # loaded or was reloaded with more layers
     decode_tokens_per_s: float | None
+    devices: list[DeviceLayers]  # each device's layers, lower layers first: several if split
 
 
 class Refusal(msgspec.Struct, frozen=True):
