@@ -490,10 +490,13 @@ def test_text_client_leaving_mid_decode_stops_its_generation(daemon: Daemon) -> 
     s.sendall(b"REGISTER a\tsmollm2-135m\n")
     assert s.makefile("rb").readline().startswith(b"OK registered")
     s.sendall(b"DECODE a 2000 Count from one to two thousand, in words:\n")
-    time.sleep(0.5)
-    s.close()
     w = daemon.wire()
     deadline = time.monotonic() + 20
+    # Gone once it decodes (not while its DECODE waits: on a loaded machine that can last).
+    while w.ok("LIST")["agents"][0]["state"] != "decoding" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    s.close()
     while w.ok("LIST")["agents"][0]["state"] == "decoding" and time.monotonic() < deadline:
         time.sleep(0.05)
     agent = w.ok("LIST")["agents"][0]

@@ -377,7 +377,8 @@ def test_a_model_too_large_for_either_gpu_is_split_over_both_with_the_same_greed
     full = budget_for(info, layers)
     room = CUDA_OVERHEAD + (full - CUDA_OVERHEAD) * 7 // 10
     texts = []
-    for limit in (["--devices", "0", "--vram-limit", f"{full}B"], ["--vram-limit", f"{room}B"]):
+    alone = ["--devices", "0", "--vram-limit", f"{full}B"]
+    for limit in (alone, ["--devices", "0,1", "--vram-limit", f"{room}B"]):
         d = Daemon(*limit, "--vram-cap-percent", "100", "--max-seqs", "1")
         try:
             w = d.wire()

@@ -52,6 +52,17 @@ def test_shared_weights_are_charged_once() -> None:
     assert ledger.reserved == 0 and ledger.snapshot() == {}
 
 
+def test_another_ledgers_reservation_frees_nothing_here() -> None:
+    """A model split over two devices holds a reservation in each ledger; one of them, passed
+    to the other ledger's ``fits(ignoring=...)``, must not stand for a charge there."""
+    here, there = Ledger(100), Ledger(100)
+    here.try_reserve(Request("model:a", {"weights": 80}))
+    elsewhere = there.try_reserve(Request("context:b", {"kv": 10}))
+    assert not isinstance(elsewhere, Denial)
+    denial = here.fits(Request("model:c", {"weights": 90}), ignoring=elsewhere)
+    assert denial is not None and denial.reclaimable == 0
+
+
 def test_exactly_the_cap_fits() -> None:
     ledger = Ledger(cap=100)
     assert isinstance(ledger.try_reserve(Request("a", {"kv": 100})), tuple)

@@ -93,8 +93,8 @@ OPTIONS = [
         "partial",
         default=True,
         show_default=True,
-        help="A model too large for every device runs with as many layers on one as fit, the "
-        "rest in host RAM (--no-partial: refused instead).",
+        help="A model too large for every device, whole or split over them, runs with as "
+        "many layers on one as fit, the rest in host RAM (--no-partial: refused instead).",
     ),
     click.option(
         "--host-limit",

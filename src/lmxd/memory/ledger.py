@@ -30,6 +30,9 @@ from lmxd.units import format_bytes
 
 _MAX_BYTES = 2**62  # far above any card; rejects overflowed or corrupted sizes
 UNACCOUNTED = "unaccounted"  # the owner of the bytes the device holds beyond every reservation
+# Reservation ids, unique across every ledger: a model split over devices holds one on each,
+# and a set of them passed to another ledger's ``fits(ignoring=...)`` must not name its own.
+_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,6 @@ class Ledger:
         self.cap = cap
         self._names = ("host RAM ledger", "HOST") if host else ("VRAM ledger", "CAP")
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self._charges: dict[str | int, _Charge] = {}  # by key, or by reservation id if unkeyed
         self._holder_charge: dict[int, str | int] = {}  # reservation id -> charge
         self._unaccounted = 0
@@ -146,7 +148,7 @@ class Ledger:
                 return denial
             granted = []
             for r in requests:
-                rid = next(self._ids)
+                rid = next(_ids)
                 slot: str | int = r.key if r.key is not None else rid
                 charge = self._charges.setdefault(slot, _Charge(r.owner, r.bytes))
                 charge.holders.add(rid)

@@ -105,7 +105,7 @@ class Models:
         slot.weights[KEEPALIVE_HOLDER], slot.host_weights = got
         self.room.slots[str(path)] = slot
         log.info(
-            "load model=%s devices=%s layers=%s/%d bytes=%d",
+            "load model=%s device=%s layers=%s/%d bytes=%d",
             key,
             ",".join(str(share.device.index) for share in where.shares),
             ",".join(str(len(share.span)) for share in where.shares),

@@ -226,7 +226,7 @@ class Residency:
         """Would the model (with ``n_gpu_layers`` on ``device``, or ``span``'s layers of a
         split) and one agent's context fit there if every context there whose agents are all
         idle were closed? If not, no amount of parking helps."""
-        evictable = [r for s in self.evictable(device) for r in s.context_reservation or ()]
+        evictable = [r for s in self.evictable(device) if (r := s.context_on(device))]
         weights = self.weights_request(key, info, n_gpu_layers, span)
         alone = self.context_request(key, info, n_ctx, 1, n_gpu_layers, span)
         return device.ledger.fits(weights, alone, ignoring=evictable)
@@ -288,13 +288,14 @@ class Residency:
         denial = self.host.fits(*requests, ignoring=[r for r in idle if r is not None])
         if denial is None:
             return
-        # The first device's part (a split's other devices are in their own ledgers' hands).
+        # The first device's part: a split's other devices hold theirs in their own ledgers.
         (_, weights), *_ = self.weights_requests(key, info, where)
         (_, context), *_ = self.context_requests(key, info, n_ctx, 1, where)
         on_device = weights.bytes + context.bytes
+        n_gpu_layers = len(where.shares[0].span)
         raise LedgerDenied(
             f"host RAM ledger denies {' + '.join(denial.owners)}: with "
-            f"{where.n_gpu_layers} of {where.layers} layers on device {where.device.index} "
+            f"{n_gpu_layers} of {where.layers} layers on device {where.device.index} "
             f"(needing {format_bytes(on_device)} of it), the rest needs "
             f"{format_bytes(denial.requested)} of host RAM but at most "
             f"{format_bytes(denial.free)} of its {format_bytes(denial.cap)} cap can be had",
@@ -306,7 +307,7 @@ class Residency:
             parts=dict(denial.parts),
             device={
                 "device": where.device.index,
-                "n_gpu_layers": where.n_gpu_layers,
+                "n_gpu_layers": n_gpu_layers,
                 "layers": where.layers,
                 "requested_bytes": on_device,
                 "cap_bytes": where.device.ledger.cap,
@@ -364,7 +365,7 @@ class Residency:
         n_seq = max(1, min(len(slot.agents), self.config.max_seqs))
         need = self.need(agent, job)
         shapes = [(self._stream(slot, need), n_seq), (need, 1)]
-        denial: Denial | None = None
+        short: Short | None = None
         for n_ctx, seqs in dict.fromkeys(shapes):
             requests = self.context_requests(slot.key, slot.info, n_ctx, seqs, slot.placement)
             while True:
@@ -372,22 +373,19 @@ class Residency:
                 if not isinstance(got, Short):
                     await self._create_context(slot, n_ctx, seqs, got)
                     return True
-                denial = got.denial
-                victims = self.evictable(got.device, exclude=slot, for_job=job)
+                short = got
+                victims = self.evictable(short.device, exclude=slot, for_job=job)
                 if not victims:
                     break
                 await self.close_context(victims[0], job)
-        assert denial is not None
-        others = [
-            s
-            for s in self.slots.values()
-            if s is not slot and any(s.on(d) for d in slot.placement.devices)
-        ]
+        assert short is not None
+        others = [s for s in self.slots.values() if s is not slot and s.on(short.device)]
         if any(s.context is not None for s in others):
-            # Busy contexts will go idle, and then be closed for this one; meanwhile their
-            # models admit no job that came after it (Scheduler._admit).
+            # Busy contexts on the device that lacks the room will go idle, and then be
+            # closed for this one; meanwhile their models admit no job that came after it
+            # (Scheduler._admit).
             return False
-        raise denial.error()
+        raise short.denial.error()
 
     async def _create_context(self, slot: ModelSlot, n_ctx: int, n_seq: int, res: Charge) -> None:
         """Open the context ``res`` reserved on the device, after reserving what it keeps in

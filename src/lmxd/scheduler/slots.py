@@ -67,6 +67,11 @@ class ModelSlot:
         """Whether some of its layers are on ``device``."""
         return any(share.device is device for share in self.placement.shares)
 
+    def context_on(self, device: Device) -> Reservation | None:
+        """Its context's reservation in ``device``'s ledger, if it has one there."""
+        shares, charge = self.placement.shares, self.context_reservation or ()
+        return next((r for s, r in zip(shares, charge, strict=False) if s.device is device), None)
+
     @property
     def partial(self) -> bool:
         """Some of its layers are in host RAM (lmxd.scheduler.devices)."""
