@@ -92,3 +92,31 @@ def test_top_without_a_daemon_says_so() -> None:
     assert out.returncode == 1
     assert "no lmxd daemon answers" in out.stderr
     assert "/tmp/lmxd-no-daemon-here.sock" in out.stderr
+
+
+def test_a_model_split_over_devices_shows_each_devices_layers() -> None:
+    """A model split by layer (which needs two GPUs) as MODELS gives it: top's row names both
+    devices and the layers on each; `lmxd models`' column says which device holds how many."""
+    from rich.console import Console
+
+    from lmxd.cli.agents import layers_shown
+    from lmxd.cli.top import Reading, _models
+
+    model = {
+        "model": "llama",
+        "device": 0,
+        "devices": [{"device": 0, "n_gpu_layers": 9}, {"device": 1, "n_gpu_layers": 8}],
+        "n_gpu_layers": 17,
+        "layers": 17,
+        "refcount": 2,
+        "resident": 1,
+        "generated_tokens": 0,
+        "weights_bytes": 1 << 30,
+        "unload_in_s": None,
+    }
+    console = Console(width=80, record=True)
+    console.print(_models(Reading(0.0, {}, [], [model]), None))
+    row = _rows(console.export_text(), "models")["llama"]
+    assert row[1:3] == ["0+1", "9+8/17"]
+    assert layers_shown(model) == "17 of 17: 9 on 0, 8 on 1"
+    assert layers_shown({**model, "devices": model["devices"][:1]}) == "17 of 17"
