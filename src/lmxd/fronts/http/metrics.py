@@ -142,7 +142,7 @@ class ServiceCollector(Collector):
             name: GaugeMetricFamily(name, doc, labels=["model"])
             for name, doc in (
                 ("lmxd_model_agents", "Agents registered on the model"),
-                ("lmxd_model_weights_bytes", "The model's weights on the device"),
+                ("lmxd_model_weights_bytes", "The model's weights on its device(s)"),
                 ("lmxd_model_context_bytes", "Bytes reserved for the model's context"),
                 ("lmxd_model_kv_cells", "KV cells in the model's context"),
                 ("lmxd_model_kv_cells_used", "KV cells in use"),
