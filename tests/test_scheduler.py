@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -62,6 +64,7 @@ def run(
     backend: Backend = Backend.CPU,  # CUDA: layers may be placed partially on a device
     host_cap: int | None = None,  # the host-RAM ledger's cap (CUDA)
     partial: bool = True,
+    allow: Path | None = None,  # a second directory models may be loaded from
 ) -> T:
     async def main() -> T:
         worker = FakeWorker()
@@ -83,7 +86,7 @@ def run(
         )
         config = SchedulerConfig(
             models_dir,
-            (models_dir,),
+            (models_dir,) if allow is None else (models_dir, allow),
             max_queue=max_queue,
             keep_alive_s=keep_alive_s,
             park_after_decode=park_after_decode,
@@ -1097,6 +1100,55 @@ def test_a_split_model_and_another_make_room_for_each_other_on_the_device_they_s
         assert (await decode(s, "g")).restored
 
     run(models_dir, test, caps=[cap0, cap1], backend=Backend.CUDA, host_cap=16 * GiB)
+
+
+def test_a_split_context_short_on_one_device_is_refused_whatever_holds_the_other(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Gemma split: its blocks on device 0, its output layer on device 1. A copy of SmolLM2
+    (B) then takes device 0's room beside Gemma's blocks, with a context open there, and
+    SmolLM2 (A) device 1's. Gemma's long reply finds no room on device 1, where nothing can
+    be closed: VRAM_LEDGER_DENY at once, not a wait on B's context, which is on the other
+    device and would free nothing on device 1."""
+    gemma = read_model_info(models_dir / f"{GEMMA}.gguf")
+    smol = read_model_info(models_dir / f"{SMOL}.gguf")
+    copy = tmp_path / "copy.gguf"
+    try:
+        os.link(smol.path, copy)
+    except OSError:
+        shutil.copyfile(smol.path, copy)
+    layers, n_ctx, sizing = gemma.n_layer + 1, 4096, _cuda_sizing()
+    smol_need = _device_need(smol, smol.n_layer + 1, KV_PAD)
+    blocks, output = range(gemma.n_layer), range(gemma.n_layer, layers)
+    cap0 = _split_need(gemma, blocks, n_ctx) + smol_need + MiB
+    weights1 = sizing.weights_request("m", gemma, layers, output).bytes
+    cap1 = weights1 + smol_need + 3 * MiB
+    assert _split_need(gemma, output, n_ctx) <= cap1  # admitted
+    smol_weights = sizing.weights_request("m", smol).bytes
+    for cells in (4096, 3072):  # the reply's stream, or what it needs alone: neither fits
+        reply = sizing.context_request("m", gemma, cells, 1, layers, output).bytes
+        assert weights1 + smol_weights + reply > cap1
+
+    async def test(s: Scheduler, w: FakeWorker) -> None:
+        await register(s, "g", "gemma3-270m", n_ctx=n_ctx)
+        split = s.agents["g"].slot.placement
+        assert [(sh.device.index, sh.span) for sh in split.shares] == [(0, blocks), (1, output)]
+        await register(s, "b", str(copy), n_ctx=KV_PAD)
+        await register(s, "a", "smollm2-135m", n_ctx=KV_PAD)
+        assert [s.agents[n].slot.device.index for n in "ab"] == [1, 0]
+        await decode(s, "b")  # its context stays open on device 0
+        with pytest.raises(LedgerDenied) as refused:
+            await s.submit(DecodeRequest("g", TextPrompt(" go"), 3000)).done
+        assert refused.value.details["cap_bytes"] == cap1
+
+    run(
+        models_dir,
+        test,
+        caps=[cap0, cap1],
+        backend=Backend.CUDA,
+        host_cap=16 * GiB,
+        allow=tmp_path,
+    )
 
 
 def test_refused_with_each_devices_numbers_when_not_even_a_split_fits(models_dir: Path) -> None:
