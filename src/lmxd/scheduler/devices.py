@@ -66,7 +66,7 @@ class Placement:
     layers: int
 
     @classmethod
-    def on(cls, device: Device, n_gpu_layers: int, layers: int) -> Placement:
+    def single(cls, device: Device, n_gpu_layers: int, layers: int) -> Placement:
         """The last ``n_gpu_layers`` of ``layers`` on ``device``."""
         return cls((Share(device, range(layers - n_gpu_layers, layers)),), layers)
 

@@ -194,7 +194,7 @@ class Models:
         self._release(slot.placement, (slot.weights.pop(holders[0]), slot.host_weights))
         for holder in holders[1:]:
             release(slot.placement.devices, slot.weights.pop(holder))
-        where = Placement.on(slot.device, layers, slot.info.n_layer + 1)
+        where = Placement.single(slot.device, layers, slot.info.n_layer + 1)
         try:
             slot.model, got = await self._place(slot.key, slot.path, slot.info, where)
         except LmxdError as exc:  # back as it was (that placement loaded before), for good

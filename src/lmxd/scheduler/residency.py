@@ -57,7 +57,6 @@ from lmxd.scheduler.devices import (
     Charge,
     Device,
     Placement,
-    Share,
     Short,
     most_layers,
     place,
@@ -159,11 +158,12 @@ class Residency:
     def weights_requests(
         self, key: str, info: ModelInfo, where: Placement
     ) -> list[tuple[Device, Request]]:
-        """The weights' request on each device of ``where``, in the order of its shares."""
+        """The weights' request on each device of ``where``, in the order of its shares (a
+        device's own layers: all of the offloaded ones for a model on one device)."""
         return [
             (
                 share.device,
-                self.weights_request(key, info, where.n_gpu_layers, self._span(share, where)),
+                self.weights_request(key, info, where.n_gpu_layers, share.span),
             )
             for share in where.shares
         ]
@@ -175,18 +175,10 @@ class Residency:
         return [
             (
                 share.device,
-                self.context_request(
-                    key, info, n_ctx, n_seq, where.n_gpu_layers, self._span(share, where)
-                ),
+                self.context_request(key, info, n_ctx, n_seq, where.n_gpu_layers, share.span),
             )
             for share in where.shares
         ]
-
-    @staticmethod
-    def _span(share: Share, where: Placement) -> range | None:
-        """The layers the estimator gives ``share``'s device: its own in a split, else all
-        of the model's offloaded layers (None)."""
-        return share.span if where.split else None
 
     def host_requests(
         self, key: str, info: ModelInfo, n_ctx: int, n_seq: int, n_gpu_layers: int
@@ -234,8 +226,8 @@ class Residency:
     def denial_in(self, where: Placement, key: str, info: ModelInfo, n_ctx: int) -> Denial | None:
         """:meth:`denial_on` each device of ``where``: the first denial, if any."""
         for share in where.shares:
-            span = self._span(share, where)
-            denial = self.denial_on(share.device, key, info, n_ctx, where.n_gpu_layers, span)
+            n_gpu_layers = where.n_gpu_layers
+            denial = self.denial_on(share.device, key, info, n_ctx, n_gpu_layers, share.span)
             if denial is not None:
                 return denial
         return None
@@ -248,7 +240,7 @@ class Residency:
         layers = info.n_layer + 1
         try:
             device = place(self.devices, lambda d: self.denial_on(d, key, info, n_ctx, layers))
-            where = Placement.on(device, layers, layers)
+            where = Placement.single(device, layers, layers)
         except LedgerDenied:
             if self.config.backend is Backend.CPU:
                 raise
@@ -275,7 +267,7 @@ class Residency:
                 if most is not None:
                     candidates.append((most, device.ledger.cap - device.ledger.reserved, device))
             most, _, device = max(candidates, key=lambda c: c[:2])
-            where = Placement.on(device, most, layers)
+            where = Placement.single(device, most, layers)
         self._check_host(key, info, n_ctx, where)
         return where
 
